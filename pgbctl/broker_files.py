@@ -23,6 +23,7 @@ def collect(survey: str) -> dict[str, bytes]:
     if not smap.is_file():
         raise FileNotFoundError(f"no schema map for survey {survey!r} ({smap})")
     files[f"schema_maps/{survey}.yaml"] = smap.read_bytes()
-    files.update(_tree(TEMPLATES_DIR, "templates"))
+    for sub in (survey, "common"):
+        files.update(_tree(TEMPLATES_DIR / "bigquery" / sub, f"templates/bigquery/{sub}"))
     files.update(_tree(VM_STARTUP_DIR, "vm_startup"))
     return files

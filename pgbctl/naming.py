@@ -68,10 +68,18 @@ class Kind(str, Enum):
 # ---- the stub registry: what one instance consists of --------------------------------------
 DATA_TOPICS: tuple[str, ...] = ("alerts", "alert_avros", "alerts_pure", "exgalac_trans", "salt2")
 TOPICS: tuple[str, ...] = DATA_TOPICS + ("cue_night_conductor", "dead_letter")
-SUBSCRIPTIONS: tuple[str, ...] = tuple(f"{t}-counter" for t in DATA_TOPICS) + (
-    "alerts-reservoir",
-    "dead_letter-counter",
-)
+# subscription stub -> the topic stub it is attached to
+SUBSCRIPTION_TOPIC: dict[str, str] = {
+    **{f"{t}-counter": t for t in DATA_TOPICS},
+    "dead_letter-counter": "dead_letter",
+    "alerts-reservoir": "alerts",
+    # the trigger/input subscriptions of the components that read `alerts`, created up front so
+    # that nothing published before a component starts is missed
+    "alerts-upload_bytes_to_bucket": "alerts",
+    "alerts-bq-sink": "alerts",
+    "alerts-value-added": "alerts",
+}
+SUBSCRIPTIONS: tuple[str, ...] = tuple(SUBSCRIPTION_TOPIC)
 BUCKETS: tuple[str, ...] = ("broker_files", "alert_avros", "sncosmo", "dataflow", "dead_letter")
 DATASETS: tuple[str, ...] = ("alerts",)
 TABLES: tuple[str, ...] = ("alerts", "DIASource", "salt2")

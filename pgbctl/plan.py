@@ -137,7 +137,7 @@ def desired(
     for stub in naming.TOPICS:
         out.append(resource(RKind.topic, inst.topic(stub)))
     for stub in naming.SUBSCRIPTIONS:
-        topic_stub = stub.rsplit("-", 1)[0]
+        topic_stub = naming.SUBSCRIPTION_TOPIC[stub]
         out.append(resource(RKind.subscription, inst.subscription(stub), topic=inst.topic(topic_stub)))
     for stub in naming.BUCKETS:
         out.append(resource(RKind.bucket, inst.bucket(stub)))

@@ -1,0 +1,111 @@
+"""The local backend: the same client code as gcp, pointed at emulators on 127.0.0.1.
+
+Pub/Sub: Google's emulator. Cloud Storage: fake-gcs-server (its bucket notifications publish
+real OBJECT_FINALIZE messages to the Pub/Sub emulator). Warehouse: see
+:mod:`pgbctl.local.services`. Services start on demand and stay up until ``pgbctl local down``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pgbctl.backends.base import Backend, BackendError
+from pgbctl.naming import Instance
+from pgbctl.plan import Action, Change, RKind, Resource, resource
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, project: str):
+        super().__init__(project)
+        self._endpoints = None
+
+    def ensure_ready(self) -> None:
+        from pgbctl.local import services
+
+        try:
+            services.up()
+            self._endpoints = services.endpoints()
+        except services.ServiceError as e:
+            raise BackendError(str(e)) from None
+
+    def make_clients(self):
+        from pgbctl.clients import Clients
+
+        return Clients.for_backend("local", self.project, self._endpoints)
+
+    # fake-gcs-server publishes notifications for every bucket of the server to one topic,
+    # configured at its start; a notification "exists" when that topic is this instance's.
+    def observe_notifications(self, inst: Instance, buckets: list[str]) -> list[Resource]:
+        from pgbctl.local import services
+
+        target = inst.bucket("alert_avros")
+        topic = services.gcs_notify_topic()
+        if target in buckets and topic == f"projects/{self.project}/topics/{inst.topic('alert_avros')}":
+            return [
+                resource(
+                    RKind.notification,
+                    target,
+                    topic=inst.topic("alert_avros"),
+                    event_types="OBJECT_FINALIZE",
+                    payload_format="JSON_API_V1",
+                )
+            ]
+        return []
+
+    def apply_notification(self, change: Change) -> None:
+        from pgbctl.local import services
+
+        if change.action is Action.delete:
+            services.set_gcs_notify_topic(None)
+        else:
+            topic = change.resource.specd()["topic"]
+            services.set_gcs_notify_topic(f"projects/{self.project}/topics/{topic}")
+        # fake-gcs-server restarted: clients keep working (same port), nothing else to do
+
+    def count_waiting(self, subscription: str, cap: int = 200_000, timeout: float = 60.0) -> int | None:
+        """Messages waiting in a subscription. The emulator has no metrics, so pull without
+        acking (up to ``cap``), then hand every message straight back (ack deadline 0)."""
+        sub = self.clients.subscriber
+        path = self.subscription_path(subscription)
+        ack_ids: list[str] = []
+        deadline = time.monotonic() + timeout
+        empty = 0
+        try:
+            while len(ack_ids) < cap and time.monotonic() < deadline:
+                resp = sub.pull(request={"subscription": path, "max_messages": 1000}, timeout=10)
+                if not resp.received_messages:
+                    empty += 1
+                    if empty >= 2:
+                        break
+                    continue
+                empty = 0
+                ack_ids.extend(m.ack_id for m in resp.received_messages)
+        finally:
+            for i in range(0, len(ack_ids), 1000):
+                sub.modify_ack_deadline(
+                    request={"subscription": path, "ack_ids": ack_ids[i : i + 1000], "ack_deadline_seconds": 0}
+                )
+        return len(ack_ids)
+
+    def processes(self, inst: Instance) -> list[dict]:
+        from pgbctl.local import services
+
+        prefix = f"{inst.survey}-"
+        suffix = f"-{inst.testid}" if inst.testid else ""
+        out = []
+        for p in services.list_processes():
+            d = p if isinstance(p, dict) else p.as_dict()
+            name = d.get("name", "")
+            if name.startswith(prefix) and (name.endswith(suffix) if suffix else True):
+                out.append(d)
+        return out
+
+    def services(self) -> list[dict]:
+        from pgbctl.local import services
+
+        return [
+            (s if isinstance(s, dict) else s.as_dict()) | {"name": n}
+            for n, s in services.status().items()
+        ]

@@ -1,0 +1,286 @@
+"""Consumer simulator: feed an instance's ``alerts`` topic at a controlled rate.
+
+Pure parts (rate parsing, the pacing schedule, attribute synthesis) are separate from the loop
+that publishes, so they are tested as data. Sources yield :class:`Message` values; the publish
+loop acks a source message only after its publish succeeded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+__all__ = [
+    "RateError",
+    "Rate",
+    "parse_rate",
+    "parse_duration",
+    "PRESETS",
+    "Message",
+    "schedule",
+    "Summary",
+    "run",
+]
+
+NIGHT_SECONDS = 10 * 3600  # an observing night, for N/night rates and the ZTF preset
+
+
+class RateError(ValueError):
+    """A --rate, --duration or --batch-every value could not be read."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``batch`` alerts every ``every`` seconds (a smooth rate has batch 1)."""
+
+    batch: int
+    every: float
+    name: str = ""
+
+    @property
+    def per_second(self) -> float:
+        return self.batch / self.every if self.every > 0 else float("inf")
+
+    def with_batch_every(self, seconds: float) -> "Rate":
+        """Same average rate, delivered as one batch every ``seconds``."""
+        n = max(1, round(self.per_second * seconds))
+        return Rate(n, seconds, self.name)
+
+
+PRESETS: dict[str, Rate] = {
+    "ztf-active-avg": Rate(1, NIGHT_SECONDS / 300_000, "ztf-active-avg"),  # 300,000 per 10 h
+    "ztf-live-max": Rate(1, 1 / 200, "ztf-live-max"),  # 200/s
+    "lsst-avg": Rate(10_000, 35.0, "lsst-avg"),  # 10,000 per 35 s visit
+    "lsst-burst": Rate(40_000, 0.0, "lsst-burst"),  # 40,000 at once
+}
+
+_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hr": 3600.0, "night": NIGHT_SECONDS}
+
+
+def parse_duration(text: str) -> float:
+    """``30``, ``30s``, ``5m``/``5min``, ``2h``, ``1night`` → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or (m.group(2) and m.group(2) not in _UNITS):
+        raise RateError(f"cannot read duration {text!r}: use e.g. 30s, 5m, 2h, 1night")
+    return float(m.group(1)) * _UNITS.get(m.group(2) or "s", 1.0)
+
+
+def parse_rate(text: str) -> Rate:
+    """``100`` (per second), ``N/s``, ``N/min``, ``N/h``, ``N/night``, or a preset name."""
+    t = str(text).strip().lower()
+    if t in PRESETS:
+        return PRESETS[t]
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:/\s*([a-z]+))?", t)
+    if not m:
+        raise RateError(
+            f"cannot read rate {text!r}: use N (per second), N/min, N/h, N/night or one of "
+            + ", ".join(PRESETS)
+        )
+    n = float(m.group(1))
+    unit = m.group(2) or "s"
+    if unit not in _UNITS:
+        raise RateError(f"unknown rate unit {unit!r} in {text!r}: use s, min, h or night")
+    if n <= 0:
+        raise RateError(f"rate must be positive, got {text!r}")
+    return Rate(1, _UNITS[unit] / n, t)
+
+
+def schedule(rate: Rate, count: int | None, duration: float | None) -> Iterator[tuple[float, int]]:
+    """(offset in seconds from start, batch size) for each batch; stops at ``count`` alerts or
+    after ``duration`` seconds, whichever comes first (``None`` = unbounded)."""
+    sent = 0
+    k = 0
+    while True:
+        t = k * rate.every
+        if duration is not None and t >= duration and k > 0:
+            return
+        n = rate.batch if count is None else min(rate.batch, count - sent)
+        if n <= 0:
+            return
+        yield t, n
+        sent += n
+        k += 1
+        if rate.every == 0 and count is None:
+            return  # a burst without a count is one batch
+
+
+@dataclass
+class Message:
+    data: bytes
+    attributes: dict[str, str] = field(default_factory=dict)
+    ack: Callable[[], None] | None = None  # call after a successful publish
+    nack: Callable[[], None] | None = None  # call when the publish failed (or --nack)
+
+
+@dataclass
+class Summary:
+    requested_rate: float
+    published: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    source: str = ""
+    exhausted: bool = False
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.published / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "requested_rate_per_s": round(self.requested_rate, 3),
+            "achieved_rate_per_s": round(self.achieved_rate, 3),
+            "published": self.published,
+            "failed": self.failed,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "source_exhausted": self.exhausted,
+            "errors": self.errors[:20],
+        }
+
+
+def run(
+    source: Iterable[Message],
+    publish: Callable[[list[Message]], list[str | None]],
+    rate: Rate,
+    *,
+    count: int | None = None,
+    duration: float | None = None,
+    on_batch: Callable[[Summary], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    leave_in_source: bool = False,
+) -> Summary:
+    """Publish from ``source`` following the pacing ``schedule``.
+
+    ``publish(batch)`` returns, per message, None for success or an error text. A source
+    message is acked only after its own publish succeeded; failed ones are nacked (or, with
+    ``leave_in_source``, every message is nacked so the source keeps it).
+    """
+    it = iter(source)
+    summ = Summary(requested_rate=rate.per_second)
+    start = clock()
+    for offset, n in schedule(rate, count, duration):
+        wait = start + offset - clock()
+        if wait > 0:
+            sleep(wait)
+        batch: list[Message] = []
+        for _ in range(n):
+            try:
+                batch.append(next(it))
+            except StopIteration:
+                summ.exhausted = True
+                break
+        if batch:
+            results = publish(batch)
+            for msg, error in zip(batch, results):
+                if error is None:
+                    summ.published += 1
+                    cb = msg.nack if leave_in_source else msg.ack
+                else:
+                    summ.failed += 1
+                    summ.errors.append(error)
+                    cb = msg.nack
+                if cb:
+                    cb()
+        summ.elapsed_s = clock() - start
+        if on_batch:
+            on_batch(summ)
+        if summ.exhausted:
+            break
+    summ.elapsed_s = max(clock() - start, summ.elapsed_s)
+    return summ
+
+
+# ---- sources ----------------------------------------------------------------------------------
+
+
+def attributes_for(alert_bytes: bytes, smap, kafka_topic: str | None = None) -> dict[str, str]:
+    """Message attributes for an alert that did not come from Kafka (files, synthetic): the
+    ``kafka.*`` metadata the consumer would have set, plus ids for attribute filtering."""
+    from pgbctl import codec
+
+    rec = codec.decode(alert_bytes)
+    src = rec[smap["source"]]
+    attrs = {
+        "objectId": str(rec[smap["objectId"]]),
+        "candid": str(src[smap["sourceId"]]),
+        "kafka.topic": kafka_topic or topic_for_time(src[smap["time"]], smap),
+        "kafka.partition": "0",
+        "kafka.offset": "-1",
+        "kafka.timestamp": str(int(time.time() * 1000)),
+    }
+    if smap.get("schemavsn") and smap["schemavsn"] in rec:
+        attrs["schemavsn"] = str(rec[smap["schemavsn"]])
+    return attrs
+
+
+def topic_for_time(t: float, smap) -> str:
+    """The survey's Kafka topic of the night containing time ``t`` (JD or MJD per the map)."""
+    from pgbctl import synth
+
+    return synth.kafka_topic_for(t, smap)
+
+
+def from_dir(path: Path, smap, *, loop: bool = False) -> Iterator[Message]:
+    """Avro files of a folder (sorted), as messages; ``loop`` repeats them forever."""
+    files = sorted(p for p in Path(path).glob("*.avro") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no .avro files in {path}")
+    while True:
+        for p in files:
+            data = p.read_bytes()
+            parts = p.name.split(".")
+            topic = parts[2] if len(parts) == 4 else None
+            try:
+                attrs = attributes_for(data, smap, topic)
+            except Exception as e:  # noqa: BLE001 - corrupt files are still sent: the broker dead-letters them
+                attrs = {"kafka.topic": topic or "unknown", "pgbctl.source_file": p.name,
+                         "pgbctl.decode_error": str(e)[:200]}
+            yield Message(data, attrs)
+        if not loop:
+            return
+
+
+def synthetic(smap, *, seed: int = 0, kind: str = "mixed", chunk: int = 500) -> Iterator[Message]:
+    """An endless stream of deterministic synthetic alerts."""
+    from pgbctl import synth
+
+    k = 0
+    while True:
+        for data in synth.generate(chunk, seed=seed + k, survey=smap.survey, kind=kind):
+            yield Message(data, attributes_for(data, smap))
+        k += 1
+
+
+def from_subscription(subscriber, subscription_path: str, *, batch: int = 100,
+                      idle_timeout: float = 5.0) -> Iterator[Message]:
+    """Messages pulled from a subscription (a reservoir). Each is acked by the publish loop
+    only after its publish succeeded, and nacked (left in the reservoir) otherwise.
+    Stops when nothing arrives for ``idle_timeout`` seconds."""
+    idle_since = time.monotonic()
+    while True:
+        resp = subscriber.pull(
+            request={"subscription": subscription_path, "max_messages": batch}, timeout=30
+        )
+        if not resp.received_messages:
+            if time.monotonic() - idle_since > idle_timeout:
+                return
+            time.sleep(0.2)
+            continue
+        idle_since = time.monotonic()
+        for rm in resp.received_messages:
+            ack_id = rm.ack_id
+
+            def ack(a=ack_id):
+                subscriber.acknowledge(request={"subscription": subscription_path, "ack_ids": [a]})
+
+            def nack(a=ack_id):
+                subscriber.modify_ack_deadline(
+                    request={"subscription": subscription_path, "ack_ids": [a], "ack_deadline_seconds": 0}
+                )
+
+            yield Message(rm.message.data, dict(rm.message.attributes), ack, nack)
