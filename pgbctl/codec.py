@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import math
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -232,18 +233,14 @@ def _decode_block(parsed, body: bytes, count: int, block_index: int) -> list:
     return out
 
 
-def decode_with_schema(data: bytes) -> tuple[dict, dict]:
-    """``(record, writer_schema)`` of a single-record Avro container.
-
-    ``writer_schema`` is the JSON of the header exactly as written (so it keeps ``doc``).
-    Raises :class:`AlertDecodeError` unless the container holds exactly one record.
-    """
+def _decode_one(data: bytes) -> tuple[dict, str]:
     c = _parse_container(data)
     n = c.n_records
     if n != 1:
         raise AlertDecodeError(f"Avro container holds {n} records, expected exactly 1")
     parsed = _parsed(c.schema_text)
     codec = c.codec
+    rec = None
     for i, (count, start, end) in enumerate(c.blocks):
         if count:
             body = _decompress(codec, bytes(data[start:end]))
@@ -251,12 +248,22 @@ def decode_with_schema(data: bytes) -> tuple[dict, dict]:
             break
     if not isinstance(rec, dict):
         raise AlertDecodeError(f"Avro container record is a {type(rec).__name__}, expected a record")
-    return rec, json.loads(c.schema_text)
+    return rec, c.schema_text
+
+
+def decode_with_schema(data: bytes) -> tuple[dict, dict]:
+    """``(record, writer_schema)`` of a single-record Avro container.
+
+    ``writer_schema`` is the JSON of the header exactly as written (so it keeps ``doc``).
+    Raises :class:`AlertDecodeError` unless the container holds exactly one record.
+    """
+    rec, text = _decode_one(data)
+    return rec, json.loads(text)
 
 
 def decode(data: bytes) -> dict:
     """The one record of a single-record Avro container (see :func:`decode_with_schema`)."""
-    return decode_with_schema(data)[0]
+    return _decode_one(data)[0]
 
 
 def header_metadata(data: bytes) -> dict[str, bytes]:
@@ -306,8 +313,6 @@ def encode(records: dict | list[dict], schema: dict | str, *, sync: bytes | None
     for r in records:
         fastavro.schemaless_writer(buf, parsed, r)
     if sync is None:
-        import os
-
         sync = os.urandom(SYNC_SIZE)
     if len(sync) != SYNC_SIZE:
         raise ValueError("sync marker must be 16 bytes")
@@ -345,7 +350,8 @@ def get_path(record: Any, path: str | list[str] | None, default: Any = None) -> 
 
 def source_record(alert: dict, smap: SchemaMap) -> dict:
     """The source (detection) that triggered the alert, ``{}`` if absent."""
-    return get_path(alert, smap["source"], {}) or {}
+    src = get_path(alert, smap["source"], {})
+    return src if isinstance(src, dict) else {}
 
 
 def prv_records(alert: dict, smap: SchemaMap) -> list[dict]:
@@ -776,6 +782,8 @@ class LightCurve:
 def light_curve(alert: dict, smap: SchemaMap) -> LightCurve:
     """The alert's light curve: the triggering source and every previous source, sorted by time.
 
+    A row is a detection when it is not an upper limit (map's ``upper_limit`` rule) and its
+    flux is finite (magnitude AND zero point present, or the flux itself for flux surveys).
     Never raises on odd content: a null/NaN/missing magnitude (or flux) makes a row a
     non-detection; an unknown filter gives empty band and filter strings.
     """
@@ -815,7 +823,7 @@ def light_curve(alert: dict, smap: SchemaMap) -> LightCurve:
         else:
             try:
                 sid[i] = int(s)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 ul_row[i] = null_sid_is_ul
         if sid[i] >= 0:
             if int(sid[i]) in seen:  # e.g. DECAT's `sources` repeats the trigger
@@ -839,7 +847,7 @@ def light_curve(alert: dict, smap: SchemaMap) -> LightCurve:
             dp[i] = True
     if mag_based:
         flux, fluxerr = mag_to_flux(mag, magzp, magerr)
-        detected = ~ul_row & np.isfinite(mag)
+        detected = ~ul_row & np.isfinite(mag) & np.isfinite(flux)  # needs mag and zero point
     else:
         mag, magerr = flux_to_mag(flux, fluxerr, magzp)
         detected = ~ul_row & np.isfinite(flux)

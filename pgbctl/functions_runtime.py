@@ -89,12 +89,19 @@ def cloud_event(received, subscription_path: str):
     return CloudEvent(attributes, data)
 
 
-def load_handler(function: str, entry: str = "run"):
+def load_module(function: str):
+    """Import ``functions/<function>/main.py`` (as Cloud Functions would)."""
     path = FUNCTIONS_DIR / function / "main.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no function {function!r} ({path})")
     spec = importlib.util.spec_from_file_location(f"pgbctl_function_{function}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return getattr(mod, entry)
+    return mod
+
+
+def load_handler(function: str, entry: str = "run"):
+    return getattr(load_module(function), entry)
 
 
 def serve(function: str, subscription_path: str, *, workers: int = 8, batch: int = 200,

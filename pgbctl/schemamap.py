@@ -124,7 +124,7 @@ class SchemaMap(Mapping[str, Any]):
     Lookup order: top-level keys, then the ``fields`` sub-map. ``KeyError`` names the survey.
     """
 
-    __slots__ = ("_d", "_survey", "_filter_rx", "_filter_map")
+    __slots__ = ("_d", "_survey", "_filter_rx", "_filter_map", "_hash")
 
     def __init__(self, data: dict, *, origin: str = "<dict>") -> None:
         probs = _problems(data)
@@ -141,6 +141,7 @@ class SchemaMap(Mapping[str, Any]):
             fmap[k] = str(v)
             fmap[str(k)] = str(v)
         object.__setattr__(self, "_filter_map", fmap)
+        object.__setattr__(self, "_hash", None)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("SchemaMap is immutable")
@@ -170,7 +171,9 @@ class SchemaMap(Mapping[str, Any]):
         return isinstance(other, SchemaMap) and self._d == other._d
 
     def __hash__(self) -> int:
-        return hash((self._survey, self.to_yaml()))
+        if self._hash is None:
+            object.__setattr__(self, "_hash", hash((self._survey, self.to_yaml())))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"SchemaMap({self._survey!r})"
@@ -202,7 +205,10 @@ class SchemaMap(Mapping[str, Any]):
             if not m:
                 return None
             value = m.group(1) if m.groups() else m.group(0)
-        return self._filter_map.get(value, self._filter_map.get(str(value)))
+        try:
+            return self._filter_map.get(value, self._filter_map.get(str(value)))
+        except TypeError:  # unhashable junk
+            return None
 
     def sncosmo_band(self, letter: str | None) -> str | None:
         if letter is None:

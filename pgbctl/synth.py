@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +41,7 @@ __all__ = [
     "iter_generate",
     "iter_records",
     "write_dir",
+    "stream",
     "filename_for",
     "kafka_topic_for",
     "bundled_schema",
@@ -181,7 +181,9 @@ def kafka_topic_for(jd_or_date: Any, smap: SchemaMap | str) -> str:
     """The survey's Kafka topic for a night, from ``TOPIC_SYNTAX`` (``yyyymmdd`` → UTC date).
 
     ``jd_or_date``: a JD (> 2 400 000), an MJD, a ``date``/``datetime``, or ``"YYYYMMDD"`` /
-    ``"YYYY-MM-DD"``.
+    ``"YYYY-MM-DD"``. A JD/MJD is shifted by ``TOPIC_DATE_UTC_OFFSET_HOURS`` (default 0) before
+    taking its date, so the whole night lands on one topic (DECAT: -12 h, the Chilean night's
+    start date; ZTF: 0, Palomar nights fall within one UTC date).
     """
     smap = load_map(smap) if isinstance(smap, str) else smap
     syntax = smap["TOPIC_SYNTAX"]
@@ -199,7 +201,9 @@ def kafka_topic_for(jd_or_date: Any, smap: SchemaMap | str) -> str:
         d = _dt.date(int(s[:4]), int(s[4:6]), int(s[6:]))
     elif isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
         jd = float(x) if float(x) > 2_400_000 else float(x) + 2400000.5
-        d = _jd_to_datetime(jd).date()
+        # the night's date: UTC date shifted by the map's TOPIC_DATE_UTC_OFFSET_HOURS
+        shift = float(smap.get("TOPIC_DATE_UTC_OFFSET_HOURS") or 0.0) / 24.0
+        d = _jd_to_datetime(jd + shift).date()
     else:
         raise TypeError(f"expected a JD/MJD, date or YYYYMMDD string, got {type(x).__name__}")
     return syntax.replace("yyyymmdd", d.strftime("%Y%m%d"))
@@ -261,6 +265,20 @@ def _salt2_source(data_dir: str):
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _band_ok(data_dir: str, band: str | None) -> bool:
+    """Can sncosmo load this bandpass (tried once per band; offline a missing one fails fast)?"""
+    if not band:
+        return False
+    try:
+        import sncosmo
+
+        sncosmo.get_bandpass(band)
+        return True
+    except Exception:
+        return False
+
+
 def _salt2_model():
     """A new SALT2 v2.4 sncosmo model, or None when it cannot be loaded offline (the model
     files must be under ``$SNCOSMO_DATA_DIR/models/salt2/salt2-4``)."""
@@ -293,6 +311,12 @@ class _SNCurve:
             m = _salt2_model()
             if m is None and model == "salt2":
                 raise RuntimeError("SALT2 2.4 not loadable: set SNCOSMO_DATA_DIR to a dir holding models/salt2/salt2-4")
+            d = os.environ.get("SNCOSMO_DATA_DIR", "")
+            letters = smap.get("synth", {}).get("filters") or list(smap["SNCOSMO_BANDS"])
+            if m is not None and not all(_band_ok(d, smap.sncosmo_band(x)) for x in letters):
+                if model == "salt2":
+                    raise RuntimeError(f"SALT2 requested but the {smap.survey} bandpasses are not loadable offline")
+                m = None
             if m is not None:
                 try:
                     m.set(z=self.z, t0=0.0, x1=self.x1, c=self.c)
@@ -312,7 +336,7 @@ class _SNCurve:
                     f = float(self.salt2.bandflux(band, dt, zp=25.0, zpsys="ab"))
                 return 25.0 - 2.5 * math.log10(f) if f > 0 else math.inf
             except Exception:
-                self.salt2 = None  # band not available offline: Bazin for this object
+                self.salt2 = None  # should not happen (bands checked): Bazin for this object
         # Bazin: f = exp(-dt/tfall) / (1 + exp(-dt/trise)), normalised to peak mag
         tf = self.tfall * (1.0 if letter in ("g", "u") else 1.4)
         with np.errstate(over="ignore"):
@@ -359,7 +383,7 @@ def _plan_object(ctx: _Ctx, kind: str, oid: Any, start_jd: float, max_alerts: in
 
     # brightness model per kind: returns (mag of |difference flux|, positive?) at (jd, letter)
     if kind == "sn":
-        curve = _SNCurve(rng, first_night + rng.uniform(5, 12), ctx.smap, sn_model)
+        curve = _SNCurve(rng, first_night + rng.uniform(14, 24), ctx.smap, sn_model)
         nights = range(0, 70)
         obj.props.update(host_offset=rng.uniform(0.8, 6.0), hostmag=rng.uniform(17.5, 21.0))
 
@@ -628,8 +652,11 @@ def _object_id(ctx: _Ctx, index: int, start_jd: float) -> Any:
 
 def iter_records(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: str | None = None,
                  kind: str = "mixed", start_jd: float | None = None, cutout_bytes: int | None = None,
-                 sn_model: str = "auto") -> Iterator[tuple[dict, dict]]:
-    """``(alert record, writer schema)`` pairs, time-ordered; see :func:`generate`."""
+                 sn_model: str = "auto", _block: int = 0) -> Iterator[tuple[dict, dict]]:
+    """``(alert record, writer schema)`` pairs, time-ordered; see :func:`generate`.
+
+    ``_block`` (used by :func:`stream`) shifts object and source ids so that consecutive
+    blocks of one stream never reuse an id."""
     if n < 0:
         raise ValueError("n must be >= 0")
     if kind != "mixed" and kind not in KINDS:
@@ -639,7 +666,8 @@ def iter_records(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: 
     smap = load_map(survey)
     version = schema_version or smap.schema_versions[0]
     sch = _schema_for(survey, version)
-    ctx = _Ctx(smap, sch, version, np.random.default_rng(seed), dict(smap.get("synth") or {}),
+    rng = np.random.default_rng(seed if not _block else [seed, _block])
+    ctx = _Ctx(smap, sch, version, rng, dict(smap.get("synth") or {}),
                cutout_bytes, seed)
     start = DEFAULT_START_JD if start_jd is None else float(start_jd)
     kinds, weights = list(_MIX), np.array(list(_MIX.values()))
@@ -652,7 +680,7 @@ def iter_records(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: 
         k = kind if kind != "mixed" else kinds[int(ctx.rng.choice(len(kinds), p=weights / weights.sum()))]
         lo, hi = _ALERTS_PER_OBJECT[k]
         cap = min(n - total, int(ctx.rng.integers(lo, hi + 1)))
-        obj = _plan_object(ctx, k, _object_id(ctx, len(objects), start), start, cap, sn_model)
+        obj = _plan_object(ctx, k, _object_id(ctx, _block * 100_003 + len(objects), start), start, cap, sn_model)
         got = sum(e.detected for e in obj.epochs)
         if got == 0:
             continue
@@ -663,6 +691,7 @@ def iter_records(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: 
     syn = ctx.syn
     scheme = syn.get("sourceId_scheme", "sequence")
     seq = int(syn.get("sourceId_start", 1)) + int(ctx.rng.integers(0, 1000))
+    seq += _block * (10**9 if scheme == "night_prefixed" else 10**5 * max(1, (n * 50) // 10**5 + 1))
     for jd, oi, ei in stream:
         seq += int(ctx.rng.integers(1, 50))
         if scheme == "night_prefixed":
@@ -674,8 +703,9 @@ def iter_records(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: 
         yield _alert_record(ctx, objects[oi], ei), sch.schema
 
 
-def _sync(seed: int, i: int, survey: str) -> bytes:
-    return hashlib.md5(f"pgbctl-synth/{survey}/{seed}/{i}".encode()).digest()
+def _sync(seed: int, i: int, survey: str, block: int = 0) -> bytes:
+    key = f"pgbctl-synth/{survey}/{seed}/{i}" + (f"/{block}" if block else "")
+    return hashlib.md5(key.encode()).digest()
 
 
 def iter_generate(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: str | None = None,
@@ -705,6 +735,25 @@ def generate(n: int, seed: int = 0, *, survey: str = "ztf", schema_version: str 
     """
     return list(iter_generate(n, seed, survey=survey, schema_version=schema_version, kind=kind,
                               start_jd=start_jd, cutout_bytes=cutout_bytes, sn_model=sn_model))
+
+
+def stream(seed: int = 0, *, survey: str = "ztf", chunk: int = 500, start_jd: float | None = None,
+           **kw: Any) -> Iterator[bytes]:
+    """An endless deterministic stream: blocks of ``chunk`` alerts, each block starting one
+    night after the previous one, with object and source ids never reused across blocks.
+    Other keywords as for :func:`generate`. The first block equals ``generate(chunk, seed)``."""
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    start = DEFAULT_START_JD if start_jd is None else float(start_jd)
+    block = 0
+    while True:
+        sch = None
+        for i, (rec, schema) in enumerate(iter_records(chunk, seed, survey=survey, start_jd=start + block,
+                                                       _block=block, **kw)):
+            if sch is None:
+                sch = json.dumps(schema)
+            yield codec.encode(rec, sch, sync=_sync(seed, i, survey, block))
+        block += 1
 
 
 def write_dir(path: str | Path, n: int, seed: int = 0, **kw: Any) -> list[Path]:

@@ -177,6 +177,8 @@ class Salt2Config(_Base):
     maxcall: int = 5000  # MIGRAD call budget (sncosmo's default is 10000)
     strategy: int = 0  # Minuit strategy of the profiled MIGRAD (HESSE gives the errors)
     hesse: bool = True  # run HESSE of the full chi^2 at the minimum (errors, covariance)
+    z_starts: tuple = (0.15, 0.5, 0.85)  # global search starts, as fractions of the z range
+    coarse_spacing: float = 20.0  # [A] integration grid of the global search (0: exact)
     guess_minsnr: float = 3.0  # points with S/N >= this pick the peak-flux epoch (t0 start)
 
     def __post_init__(self):
@@ -187,6 +189,11 @@ class Salt2Config(_Base):
             object.__setattr__(self, name, (float(b[0]), float(b[1])))
         if self.z_bounds[0] < 0:
             raise ConfigError("Salt2Config.z_bounds must be >= 0")
+        if not self.z_starts or not all(0.0 <= float(f) <= 1.0 for f in self.z_starts):
+            raise ConfigError("Salt2Config.z_starts: fractions of the z range in [0, 1]")
+        object.__setattr__(self, "z_starts", tuple(float(f) for f in self.z_starts))
+        if self.coarse_spacing < 0:
+            raise ConfigError("Salt2Config.coarse_spacing must be >= 0")
         if self.min_detections < 1 or self.maxcall < 10 or self.strategy not in (0, 1, 2):
             raise ConfigError("Salt2Config: min_detections >= 1, maxcall >= 10, strategy 0-2")
 

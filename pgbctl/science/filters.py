@@ -56,11 +56,6 @@ REASON_CODES = (
     "no_source",
 )
 
-# Where a schema map may keep its sub-map of filter-relevant fields (first one present wins);
-# a generic key absent from the sub-map is also looked up at the top level of the map.
-_SUBMAP_KEYS = ("filter_fields", "filters", "filter", "cuts", "quality")
-
-
 @dataclass
 class FilterResult:
     """Outcome of one filter on one alert."""
@@ -87,27 +82,39 @@ def _map_get(smap: Any, key: str) -> Any:
 
 
 def field_name(smap: Any, key: str) -> str | None:
-    """The survey's field name for generic filter key ``key``, or None if not mapped."""
-    raw = getattr(smap, "raw", None)
-    if isinstance(raw, Mapping):
-        for sub in _SUBMAP_KEYS:
-            m = raw.get(sub)
-            if isinstance(m, Mapping) and key in m:
-                v = m[key]
-                return v if isinstance(v, str) and v else None
+    """The survey's field name for generic key ``key`` (top level of the map, then its
+    ``fields`` sub-map), or None if the survey does not map it."""
     v = _map_get(smap, key)
-    if isinstance(v, Mapping):  # the sub-map itself was asked for
-        return None
+    if v is None and isinstance(smap, Mapping) and not hasattr(smap, "raw"):
+        sub = smap.get("fields")  # plain-dict stand-in for a SchemaMap
+        if isinstance(sub, Mapping):
+            v = sub.get(key)
     return v if isinstance(v, str) and v else None
 
 
+def _path(record: Any, path: Any) -> Any:
+    """``record["a"]["b"]`` for path ``"a.b"``; a list of paths: first non-null wins."""
+    if isinstance(path, (list, tuple)):
+        for p in path:
+            v = _path(record, p)
+            if v is not None:
+                return v
+        return None
+    if not isinstance(path, str) or not path:
+        return None
+    cur = record
+    for part in path.split("."):
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
 def _records(alert: Mapping, smap: Any) -> tuple[Mapping | None, list[Mapping]]:
-    src_key = _map_get(smap, "source")
-    prv_key = _map_get(smap, "prvSources")
-    src = alert.get(src_key) if isinstance(src_key, str) else None
-    prv = alert.get(prv_key) if isinstance(prv_key, str) else None
+    src = _path(alert, _map_get(smap, "source"))
+    prv = _path(alert, _map_get(smap, "prvSources"))
     src = src if isinstance(src, Mapping) else None
-    prv = [p for p in (prv or []) if isinstance(p, Mapping)]
+    prv = [p for p in (prv if isinstance(prv, (list, tuple)) else []) if isinstance(p, Mapping)]
     return src, prv
 
 

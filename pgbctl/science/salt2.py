@@ -53,6 +53,7 @@ __all__ = [
     "fit",
     "fit_many",
     "fit_alert",
+    "COV_PAIRS",
     "plain_fit",
     "model_for",
     "plot_png",
@@ -316,126 +317,150 @@ class Salt2Result:
 
 
 # ---- the fast chi^2 --------------------------------------------------------------------------------
-class _Salt2Chi2:
-    """chi^2(z, t0, x0, x1, c) of a light curve against SALT2, the same numbers as
-    ``sncosmo.fit_lc``'s objective (Model.bandflux with zp/zpsys), with caching."""
+_BAND_CACHE: dict[tuple[str, float], tuple] = {}
+_ZP_CACHE: dict[tuple[str, str], float] = {}
 
-    def __init__(self, source, lc: _LC):
+
+def _band_setup(name: str, spacing: float):
+    """(bandpass, wave grid, wave * trans * dwave / hc) -- sncosmo's integration, cached."""
+    key = (name, spacing)
+    hit = _BAND_CACHE.get(key)
+    if hit is None:
         import sncosmo
-        from sncosmo.constants import HC_ERG_AA, MODEL_BANDFLUX_SPACING
+        from sncosmo.constants import HC_ERG_AA
         from sncosmo.utils import integration_grid
 
+        bp = sncosmo.get_bandpass(name)
+        wave, dwave = integration_grid(bp.minwave(), bp.maxwave(), spacing)
+        hit = (bp, wave, wave * bp(wave) * (dwave / HC_ERG_AA))
+        _BAND_CACHE[key] = hit
+    return hit
+
+
+def _zpbandflux(name: str, zpsys: str) -> float:
+    key = (name, zpsys)
+    v = _ZP_CACHE.get(key)
+    if v is None:
+        import sncosmo
+
+        v = float(sncosmo.get_magsystem(zpsys).zpbandflux(sncosmo.get_bandpass(name)))
+        _ZP_CACHE[key] = v
+    return v
+
+
+class _Group:
+    __slots__ = ("idx", "time", "bp", "wave", "w", "zpnorm")
+
+    def __init__(self, idx, time, bp, wave, w, zpnorm):
+        self.idx, self.time, self.bp, self.wave, self.w, self.zpnorm = idx, time, bp, wave, w, zpnorm
+
+
+class _Salt2Chi2:
+    """chi^2(z, t0, x0, x1, c) of a light curve against SALT2: the same numbers as
+    ``sncosmo.fit_lc``'s objective (``Model.bandflux`` with zp/zpsys, sncosmo's integration
+    grid unless ``spacing`` says otherwise), with caching:
+
+    model flux = x0 * (u + x1 * v),  u, v = a * zpnorm * sum_lambda M0|M1(phase, rest wave)
+    * w(lambda) * 10**(-0.4 c CL(rest wave)),  a = 1 / (1 + z).
+
+    M0/M1 are re-interpolated only when (z, t0) change, the colour law only when z changes;
+    a change of x0 or x1 costs nothing but a multiply-add, a change of c two dot products."""
+
+    def __init__(self, source, lc: _LC, spacing: float | None = None):
+        from sncosmo.constants import MODEL_BANDFLUX_SPACING
+
+        spacing = float(MODEL_BANDFLUX_SPACING if spacing is None else spacing)
         self.m0 = source._model["M0"]
         self.m1 = source._model["M1"]
         self.colorlaw = source._colorlaw
         self.flux = lc.flux
         self.invvar = 1.0 / lc.fluxerr**2
-        self.time = lc.time
-        self.groups = []  # (index array, times, wave grid, weights, zpnorm)
+        self.wflux = self.flux * self.invvar
+        self.groups: list[_Group] = []
         for name in sorted(set(lc.band)):
             idx = np.flatnonzero(lc.band == name)
-            bp = sncosmo.get_bandpass(name)
-            wave, dwave = integration_grid(bp.minwave(), bp.maxwave(), MODEL_BANDFLUX_SPACING)
-            w = wave * bp(wave) * (dwave / HC_ERG_AA)
+            bp, wave, w = _band_setup(name, spacing)
             zpnorm = 10.0 ** (0.4 * lc.zp[idx])
             for ms in set(lc.zpsys[idx]):
                 m = lc.zpsys[idx] == ms
-                zpnorm[m] = zpnorm[m] / sncosmo.get_magsystem(ms).zpbandflux(bp)
-            self.groups.append((idx, lc.time[idx], wave, w, zpnorm, bp))
+                zpnorm[m] = zpnorm[m] / _zpbandflux(name, ms)
+            self.groups.append(_Group(idx, lc.time[idx], bp, wave, w, zpnorm))
         self.ncall = 0
-        self._zt = None  # (z, t0) of cached component integrands
-        self._A = None  # per band: (M0 * w, M1 * w)
-        self._zcl = None
-        self._CL = None  # per band colour law at rest wavelengths
-        self._ztc = None
-        self._I = None  # per band (I0, I1)
+        n = len(self.flux)
+        self._u = np.empty(n)
+        self._v = np.empty(n)
+        self._zt = None  # (z, t0) of the cached M0/M1 surfaces
+        self._M: list = []
+        self._zcl = None  # z of the cached colour law
+        self._CL: list = []
+        self._ztc = None  # (z, t0, c) of the cached u, v
 
-    def bandoverlap_ok(self, source, z_bounds) -> list[str]:
-        """Bands whose rest-frame range leaves the model's over the z range."""
-        bad = []
-        for _, _, wave, _, _, bp in self.groups:
-            if (
-                bp.minwave() / (1 + z_bounds[1]) < source.minwave()
-                or bp.maxwave() / (1 + z_bounds[0]) > source.maxwave()
-            ):
-                bad.append(bp.name)
-        return bad
+    def bands_outside(self, source, z_bounds) -> list[str]:
+        """Bands whose rest-frame range leaves the model's somewhere in the z range."""
+        return [
+            g.bp.name
+            for g in self.groups
+            if g.bp.minwave() / (1 + z_bounds[1]) < source.minwave()
+            or g.bp.maxwave() / (1 + z_bounds[0]) > source.maxwave()
+        ]
 
-    def _integrals(self, z: float, t0: float, c: float):
-        if self._ztc == (z, t0, c):
-            return self._I
+    def basis(self, z: float, t0: float, c: float) -> tuple[np.ndarray, np.ndarray]:
+        """(u, v): model flux = x0 * u + x0 * x1 * v (data order). Cached; do not modify."""
+        key = (z, t0, c)
+        if self._ztc == key:
+            return self._u, self._v
         a = 1.0 / (1.0 + z)
         if self._zt != (z, t0):
-            A = []
-            for idx, t, wave, w, _, _ in self.groups:
-                phase = (t - t0) * a
-                rw = wave * a
-                A.append((self.m0(phase, rw) * w, self.m1(phase, rw) * w))
-            self._A, self._zt = A, (z, t0)
+            self._M = [
+                (self.m0((g.time - t0) * a, g.wave * a), self.m1((g.time - t0) * a, g.wave * a))
+                for g in self.groups
+            ]
+            self._zt = (z, t0)
         if self._zcl != z:
-            self._CL = [self.colorlaw(wave * a) for _, _, wave, _, _, _ in self.groups]
+            self._CL = [-0.4 * self.colorlaw(g.wave * a) for g in self.groups]
             self._zcl = z
-        I = []
-        for (A0, A1), cl in zip(self._A, self._CL):
-            cf = 10.0 ** (-0.4 * cl * c)
-            I.append((A0 @ cf, A1 @ cf))
-        self._I, self._ztc = I, (z, t0, c)
-        return I
+        u, v = self._u, self._v
+        for g, (M0, M1), cl in zip(self.groups, self._M, self._CL):
+            wcf = g.w * 10.0 ** (cl * c)
+            s = a * g.zpnorm
+            u[g.idx] = (M0 @ wcf) * s
+            v[g.idx] = (M1 @ wcf) * s
+        self._ztc = key
+        return u, v
 
     def model_flux(self, p) -> np.ndarray:
         z, t0, x0, x1, c = (float(v) for v in p)
-        I = self._integrals(z, t0, c)
-        out = np.empty_like(self.flux)
-        a = 1.0 / (1.0 + z)
-        for (idx, _, _, _, zpnorm, _), (I0, I1) in zip(self.groups, I):
-            out[idx] = a * x0 * (I0 + x1 * I1) * zpnorm
-        return out
-
-    def basis(self, z: float, t0: float, c: float) -> tuple[np.ndarray, np.ndarray]:
-        """(u, v) with model flux = x0 * u + x0 * x1 * v (data order)."""
-        I = self._integrals(z, t0, c)
-        u = np.empty_like(self.flux)
-        v = np.empty_like(self.flux)
-        a = 1.0 / (1.0 + z)
-        for (idx, _, _, _, zpnorm, _), (I0, I1) in zip(self.groups, I):
-            u[idx] = a * I0 * zpnorm
-            v[idx] = a * I1 * zpnorm
-        return u, v
+        u, v = self.basis(z, t0, c)
+        return x0 * (u + x1 * v)
 
     def profile(self, z: float, t0: float, c: float, x1_bounds) -> tuple[float, float, float]:
         """(chi2, x0, x1) minimised analytically over x0 and x1 (x1 kept in bounds) at fixed
         (z, t0, c): the model is linear in (x0, x0 * x1)."""
         u, v = self.basis(z, t0, c)
-        w, f = self.invvar, self.flux
-        wu, wv = w * u, w * v
-        suu, suv, svv = float(u @ wu), float(u @ wv), float(v @ wv)
-        sfu, sfv = float(f @ wu), float(f @ wv)
+        w = self.invvar
+        wu = w * u
+        suu, suv, svv = float(u @ wu), float(v @ wu), float(v @ (w * v))
+        sfu, sfv = float(self.wflux @ u), float(self.wflux @ v)
+        sff = float(self.wflux @ self.flux)
         det = suu * svv - suv * suv
-        x0 = x1 = math.nan
         if det > 0:
             alpha = (sfu * svv - sfv * suv) / det
             beta = (suu * sfv - suv * sfu) / det
             if alpha > 0:
-                x0, x1 = alpha, beta / alpha
-        if not (x0 > 0) or not (x1_bounds[0] <= x1 <= x1_bounds[1]):
-            best = None
-            for x1b in (x1_bounds[0], 0.0, x1_bounds[1]) if not (x0 > 0) else (
-                min(max(x1, x1_bounds[0]), x1_bounds[1]),
-            ):
-                g = u + x1b * v
-                den = float(g @ (w * g))
-                if den > 0:
-                    a0 = float(f @ (w * g)) / den
-                    if a0 > 0:
-                        r = f - a0 * g
-                        chi = float(r @ (w * r))
-                        if best is None or chi < best[0]:
-                            best = (chi, a0, x1b)
-            if best is None:
-                return math.inf, math.nan, math.nan
-            return best
-        r = f - x0 * (u + x1 * v)
-        return float(r @ (w * r)), x0, x1
+                x1 = beta / alpha
+                if x1_bounds[0] <= x1 <= x1_bounds[1]:
+                    # chi2 at the linear least-squares solution
+                    return max(sff - alpha * sfu - beta * sfv, 0.0), alpha, x1
+        # constrained: x1 on a bound (or the unconstrained amplitude is not positive)
+        best = (math.inf, math.nan, math.nan)
+        for x1b in (x1_bounds[0], 0.0, x1_bounds[1]):
+            sgg = suu + 2 * x1b * suv + x1b * x1b * svv
+            sfg = sfu + x1b * sfv
+            if sgg > 0 and sfg > 0:
+                chi = max(sff - sfg * sfg / sgg, 0.0)
+                if chi < best[0]:
+                    best = (chi, sfg / sgg, x1b)
+        return best
 
     def __call__(self, p) -> float:
         self.ncall += 1
@@ -469,36 +494,64 @@ def _start_point(chi2: _Salt2Chi2, lc: _LC, c: Salt2Config, bounds: dict, z0: fl
     return None if best is None else (best[1], best[2])
 
 
-def _minimise(chi2: _Salt2Chi2, lc: _LC, c: Salt2Config, bounds: dict, z_fixed):
-    """MIGRAD on the chi^2 profiled over (x0, x1) -- a smooth 3-parameter problem (z, t0, c)
-    whose every evaluation already has the best amplitude and stretch -- then HESSE of the full
-    5-parameter chi^2 at that point for errors and covariance. Returns the 5-d Minuit object
-    and the profile's FMin."""
+def _profile_migrad(chi2: _Salt2Chi2, start, bounds: dict, c: Salt2Config, z_fixed, tol: float):
+    """MIGRAD of the chi^2 profiled over (x0, x1), in (z, t0, c)."""
     from iminuit import Minuit
 
-    z0 = float(z_fixed) if z_fixed is not None else 0.5 * (bounds["z"][0] + bounds["z"][1])
-    st = _start_point(chi2, lc, c, bounds, z0)
-    if st is None:
-        return None, None
     x1b = bounds["x1"]
 
     def profiled(p):
         chi2.ncall += 1
         return chi2.profile(float(p[0]), float(p[1]), float(p[2]), x1b)[0]
 
-    m3 = Minuit(profiled, [z0, st[0], st[1]], name=("z", "t0", "c"))
+    m3 = Minuit(profiled, list(start), name=("z", "t0", "c"))
     m3.errordef = Minuit.LEAST_SQUARES
     m3.strategy = c.strategy
     m3.print_level = 0
     m3.throw_nan = False
+    m3.tol = tol
     m3.errors = [0.01, 1.0, 0.05]
     for p in ("z", "t0", "c"):
         m3.limits[p] = bounds[p]
     if z_fixed is not None:
         m3.fixed["z"] = True
     m3.migrad(ncall=c.maxcall)
+    return m3
+
+
+def _minimise(chi2: _Salt2Chi2, lc: _LC, c: Salt2Config, bounds: dict, z_fixed, src):
+    """Global search, then the exact fit.
+
+    1. On a coarse integration grid (``coarse_spacing`` A: ~3x cheaper, fluxes within 1e-3),
+       MIGRAD of the chi^2 profiled over (x0, x1) -- analytic, the model is linear in x0 and
+       x0*x1 -- in (z, t0, c) from each redshift in ``z_starts`` (the z-colour valley has
+       several minima); keep the best.
+    2. On sncosmo's exact grid, MIGRAD of the profile from there (a few steps), then HESSE of
+       the full 5-parameter chi^2 for errors and covariance.
+    Returns (5-d Minuit or None, FMin of the final profile MIGRAD or None).
+    """
+    from iminuit import Minuit
+
+    lo, hi = bounds["z"]
+    if z_fixed is not None:
+        z_starts = [float(z_fixed)]
+    else:
+        z_starts = [lo + f * (hi - lo) for f in c.z_starts]
+    coarse = _Salt2Chi2(src, lc, c.coarse_spacing) if c.coarse_spacing else chi2
+    best = None
+    for z0 in z_starts:
+        st = _start_point(coarse, lc, c, bounds, z0)
+        if st is None:
+            continue
+        m3 = _profile_migrad(coarse, (z0, st[0], st[1]), bounds, c, z_fixed, tol=1.0)
+        if best is None or m3.fval < best.fval:
+            best = m3
+    chi2.ncall += coarse.ncall if coarse is not chi2 else 0
+    if best is None:
+        return None, None
+    m3 = _profile_migrad(chi2, tuple(float(v) for v in best.values), bounds, c, z_fixed, tol=0.1)
     z, t0, col = (float(v) for v in m3.values)
-    _, x0, x1 = chi2.profile(z, t0, col, x1b)
+    _, x0, x1 = chi2.profile(z, t0, col, bounds["x1"])
     if not (x0 > 0):
         return None, m3.fmin
     m = Minuit(chi2, [z, t0, x0, x1, col], name=PARAM_NAMES)
@@ -596,13 +649,13 @@ def fit(
     except Exception as e:
         return _failure(f"{type(e).__name__}: {e}", c, object_id, candid, t_start, ndof=ndof)
     zb = c.z_bounds if z is None else (z, z)
-    bad = chi2.bandoverlap_ok(src, zb)
+    bad = chi2.bands_outside(src, zb)
     if bad:
         return _failure(f"band(s) outside the model's wavelength range: {', '.join(bad)}",
                         c, object_id, candid, t_start, ndof=ndof)
     bounds = {"z": c.z_bounds, "t0": t0_bounds(d, c), "x1": c.x1_bounds, "c": c.c_bounds}
     try:
-        m, fmin3 = _minimise(chi2, d, c, bounds, z)
+        m, fmin3 = _minimise(chi2, d, c, bounds, z, src)
     except Exception as e:  # iminuit / numerical failures
         return _failure(f"{type(e).__name__}: {e}", c, object_id, candid, t_start,
                         ncall=chi2.ncall, ndof=ndof)
@@ -660,38 +713,21 @@ def fit_many(tables: Iterable[Any], cfg: Salt2Config | ScienceConfig | None = No
 
 
 def fit_alert(alert: Mapping, smap: Any, cfg: Salt2Config | ScienceConfig | None = None):
-    """(gate result, fit result or None): the light curve of ``alert``, gated, then fitted.
+    """``(gate, result)``: the alert's light curve (codec), the quality gate, and the fit
+    (``result`` is None when the gate fails). The extragalactic-transient filter is the
+    caller's job. objectId / candid of the result come from the codec."""
+    from pgbctl import codec
 
-    The extragalactic-transient filter is the caller's job. Object and source ids are taken
-    from the schema map's objectId / sourceId fields."""
     c = _s2cfg(cfg)
     try:
-        lc = prepare(alert, smap)
+        lc = codec.light_curve(alert, smap)
+        table = as_table(lc)
     except Exception:
         return FilterResult(False, ["bad_lightcurve"]), None
-    gate = quality_gate(lc, c)
+    gate = quality_gate(table, c)
     if not gate.passed:
         return gate, None
-    oid = _get(alert, smap, "objectId")
-    cand = _get(alert, smap, "sourceId", in_source=True)
-    return gate, fit(lc, c, object_id=oid, candid=cand)
-
-
-def _get(alert: Mapping, smap: Any, key: str, in_source: bool = False):
-    try:
-        name = smap.get(key)
-    except Exception:
-        name = None
-    if not isinstance(name, str):
-        return None
-    if in_source:
-        try:
-            src = alert.get(smap.get("source")) or {}
-        except Exception:
-            src = {}
-        if name in src:
-            return src[name]
-    return alert.get(name)
+    return gate, fit(table, c, object_id=lc.object_id, candid=lc.source_id_current)
 
 
 # ---- the naive reference (benchmark) ------------------------------------------------------------
