@@ -25,9 +25,9 @@ class LocalBackend(Backend):
         from pgbctl.local import services
 
         try:
-            services.up()
-            self._endpoints = services.endpoints()
-        except services.ServiceError as e:
+            services.up(project=self.project)
+            self._endpoints = services.endpoints(project=self.project)
+        except services.LocalServicesError as e:
             raise BackendError(str(e)) from None
 
     def make_clients(self):
@@ -41,8 +41,10 @@ class LocalBackend(Backend):
         from pgbctl.local import services
 
         target = inst.bucket("alert_avros")
-        topic = services.gcs_notify_topic()
-        if target in buckets and topic == f"projects/{self.project}/topics/{inst.topic('alert_avros')}":
+        st = services.status(services=["storage"], check_health=False)["storage"]
+        n = st.options.get("notify") or {}
+        if (target in buckets and n.get("project") == self.project
+                and n.get("topic") == inst.topic("alert_avros") and n.get("bucket") == target):
             return [
                 resource(
                     RKind.notification,
@@ -58,11 +60,17 @@ class LocalBackend(Backend):
         from pgbctl.local import services
 
         if change.action is Action.delete:
-            services.set_gcs_notify_topic(None)
+            st = services.status(services=["storage"], check_health=False)["storage"]
+            n = st.options.get("notify") or {}
+            if n.get("bucket") != change.resource.name:
+                return  # the storage service notifies for another instance now: leave it
+            services.up(["storage"], project=self.project, gcs_notify_topic=None)
         else:
             topic = change.resource.specd()["topic"]
-            services.set_gcs_notify_topic(f"projects/{self.project}/topics/{topic}")
-        # fake-gcs-server restarted: clients keep working (same port), nothing else to do
+            services.up(["storage"], project=self.project,
+                        gcs_notify_topic=f"projects/{self.project}/topics/{topic}",
+                        gcs_notify_bucket=change.resource.name, gcs_notify_events="finalize")
+        # fake-gcs-server restarted on the same port with its data on disk: clients keep working
 
     def count_waiting(self, subscription: str, cap: int = 200_000, timeout: float = 60.0) -> int | None:
         """Messages waiting in a subscription. The emulator has no metrics, so pull without
@@ -95,9 +103,8 @@ class LocalBackend(Backend):
         prefix = f"{inst.survey}-"
         suffix = f"-{inst.testid}" if inst.testid else ""
         out = []
-        for p in services.list_processes():
-            d = p if isinstance(p, dict) else p.as_dict()
-            name = d.get("name", "")
+        for name, p in services.list_processes().items():
+            d = p.to_dict()
             if name.startswith(prefix) and (name.endswith(suffix) if suffix else True):
                 out.append(d)
         return out
@@ -105,7 +112,4 @@ class LocalBackend(Backend):
     def services(self) -> list[dict]:
         from pgbctl.local import services
 
-        return [
-            (s if isinstance(s, dict) else s.as_dict()) | {"name": n}
-            for n, s in services.status().items()
-        ]
+        return [s.to_dict() | {"name": n} for n, s in services.status().items()]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,15 +180,13 @@ def ensure_warehouse_env(venv: Path | None = None, *, log_path: Path | None = No
     venv = venv or warehouse_venv()
     if warehouse_env_ready(venv):
         return venv
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(venv.parent / f".{venv.name}.lock", timeout=900):
+    venv.mkdir(parents=True, exist_ok=True)  # lock and log live inside (covered by .gitignore)
+    with file_lock(venv / ".pgbctl-setup.lock", timeout=900):
         if warehouse_env_ready(venv):
             return venv
-        log_path = log_path or (venv.parent / f".{venv.name}-setup.log")
+        log_path = log_path or (venv / ".pgbctl-setup.log")
         with open(log_path, "a") as log:
             try:
-                if venv.exists() and not warehouse_python(venv).exists():
-                    shutil.rmtree(venv)
                 if not warehouse_python(venv).exists():
                     base = getattr(sys, "_base_executable", None) or sys.executable
                     _run([base, "-m", "venv", str(venv)], log)

@@ -100,8 +100,12 @@ def pid_alive(pid: int | None, start_ticks: int | None = None, marker: str | Non
         return False
     if start_ticks is not None and st[2] != start_ticks:
         return False  # pid reused by another process
-    if marker and marker not in proc_cmdline(pid):
-        return False
+    if marker:
+        cmd = proc_cmdline(pid)
+        # An empty cmdline is seen for a moment right after exec() (the parent's Popen has
+        # already returned): with a matching start time the identity is certain anyway.
+        if marker not in cmd and (cmd or start_ticks is None):
+            return False
     return True
 
 
@@ -213,9 +217,14 @@ def log_tail(log: Path | str, n: int = 30) -> str:
 
 
 def free_port(preferred: int | None = None) -> int:
-    """A free TCP port on 127.0.0.1 (``preferred`` if it is free)."""
+    """A free TCP port on 127.0.0.1 (``preferred`` if it is free).
+
+    The ``preferred`` probe uses SO_REUSEADDR, as the servers themselves do (Go, Java,
+    uvicorn), so a port whose old connections linger in TIME_WAIT after a restart is
+    reused -- keeping a restarted service at the address clients already know."""
     if preferred:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", preferred))
                 return preferred

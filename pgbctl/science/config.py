@@ -43,9 +43,11 @@ __all__ = [
 PURITY_CUTS = ("rb", "nbad", "fwhm", "elong", "magdiff")
 EXGAL_CUTS = ("isdiffpos", "point_source", "moving", "ssdistnr")
 
-# Shipped defaults, as data. Per-survey blocks adjust which cuts apply where a survey's
-# numbers mean something else: DECam's fwhm is in different pixels and not always filled, so
-# that survey is judged on rb alone (as the system we re-create did).
+# Shipped defaults, as data. Per-survey blocks select the cuts that mean something for a
+# survey. DECam (DECAT): purity on rb alone (its fwhm is in other pixels and often null) and
+# no moving-object cut (the broker's contract: DECAT, lacking ZTF's extragalactic fields,
+# passes that filter unless its sign or catalogue fields say otherwise). Edit here, or
+# override in the deployment's YAML, to change that.
 DEFAULT_YAML = """
 filters: {}
 salt2: {}
@@ -53,6 +55,7 @@ surveys:
   decat:
     filters:
       purity_cuts: [rb]
+      exgal_cuts: [isdiffpos, point_source, ssdistnr]
 """
 
 
@@ -175,8 +178,7 @@ class Salt2Config(_Base):
     t0_after_last_days: float = 5.0  # t0 <= last detection + this
     # --- minimiser ---
     maxcall: int = 5000  # MIGRAD call budget (sncosmo's default is 10000)
-    strategy: int = 0  # Minuit strategy of the profiled MIGRAD (HESSE gives the errors)
-    hesse: bool = True  # run HESSE of the full chi^2 at the minimum (errors, covariance)
+    strategy: int = 0  # Minuit strategy of the profiled MIGRAD (errors come from the Hessian)
     z_starts: tuple = (0.15, 0.5, 0.85)  # global search starts, as fractions of the z range
     coarse_spacing: float = 20.0  # [A] integration grid of the global search (0: exact)
     guess_minsnr: float = 3.0  # points with S/N >= this pick the peak-flux epoch (t0 start)

@@ -3,7 +3,12 @@
 Field names come from the survey's schema map (generic key -> survey field); thresholds come
 from :class:`~pgbctl.science.config.FilterConfig`. A cut whose field the survey does not map is
 SKIPPED (recorded in ``result.skipped``), so a survey that only maps ``rb`` is judged on ``rb``
-alone -- no code here knows any survey by name.
+alone -- no code here knows any survey by name. Which cuts run at all is config DATA
+(``purity_cuts`` / ``exgal_cuts``, with per-survey blocks: see ``config.DEFAULT_YAML``); given a
+``ScienceConfig`` (or None: the shipped defaults) the block of ``smap.survey`` is applied.
+
+Sign of the subtraction: ``isdiffpos`` ('t', '1', true, 1) if mapped, else the sign of ``flux``.
+Thresholds are inclusive at float32 resolution (alert fields are 32-bit floats).
 
 Every filter returns a :class:`FilterResult` (``passed``, ``reasons``). All cuts are evaluated
 (not just up to the first failure) so that reasons can be counted. A null, NaN or non-numeric
@@ -23,6 +28,7 @@ any:     ``null:<key>``, ``nan:<key>``, ``invalid:<key>``, ``no_source`` (the al
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -150,6 +156,23 @@ def _number(v: Any) -> tuple[str, float | None]:
     return _OK, x
 
 
+# Alert fields are 32-bit floats: 0.65 arrives as 0.64999998. Thresholds are inclusive at
+# float32 resolution, so a value that IS the threshold in the packet passes.
+_F32_REL = 2.0**-23
+
+
+def _tol(t: float) -> float:
+    return 2.0 * _F32_REL * max(1.0, abs(t))
+
+
+def _ge(x: float, t: float) -> bool:
+    return x >= t - _tol(t)
+
+
+def _le(x: float, t: float) -> bool:
+    return x <= t + _tol(t)
+
+
 def _is_positive(v: Any, cfg: FilterConfig) -> bool | None:
     """True/False for a sign-of-subtraction value; None if null/NaN."""
     if v is None:
@@ -170,11 +193,18 @@ def _cfg(cfg: FilterConfig | ScienceConfig | None, smap: Any = None) -> FilterCo
     block of the map's survey applied (looked up by name in config DATA)."""
     if isinstance(cfg, FilterConfig):
         return cfg
-    sc = cfg if isinstance(cfg, ScienceConfig) else ScienceConfig.default()
     survey = getattr(smap, "survey", None)
-    if isinstance(survey, str) and survey in sc.surveys:
-        sc = sc.for_survey(survey)
-    return sc.filters
+    if cfg is None:
+        return _default_filters(survey if isinstance(survey, str) else None)
+    if isinstance(survey, str) and survey in cfg.surveys:
+        return cfg.for_survey(survey).filters
+    return cfg.filters
+
+
+@functools.lru_cache(maxsize=64)
+def _default_filters(survey: str | None) -> FilterConfig:
+    sc = ScienceConfig.default()
+    return sc.for_survey(survey).filters if survey in sc.surveys else sc.filters
 
 
 # ---- purity ------------------------------------------------------------------------------------
@@ -187,11 +217,11 @@ def is_pure(alert: Mapping, smap: Any, cfg: FilterConfig | ScienceConfig | None 
     if src is None:
         return FilterResult(False, ["no_source"])
     cuts = (
-        ("rb", lambda x: x >= c.rb_min, "rb_low"),
-        ("nbad", lambda x: x <= c.nbad_max, "nbad_nonzero"),
-        ("fwhm", lambda x: x <= c.fwhm_max, "fwhm_high"),
-        ("elong", lambda x: x <= c.elong_max, "elong_high"),
-        ("magdiff", lambda x: abs(x) <= c.magdiff_abs_max, "magdiff_high"),
+        ("rb", lambda x: _ge(x, c.rb_min), "rb_low"),
+        ("nbad", lambda x: _le(x, c.nbad_max), "nbad_nonzero"),
+        ("fwhm", lambda x: _le(x, c.fwhm_max), "fwhm_high"),
+        ("elong", lambda x: _le(x, c.elong_max), "elong_high"),
+        ("magdiff", lambda x: _le(abs(x), c.magdiff_abs_max), "magdiff_high"),
     )
     for key, ok, code in cuts:
         if key not in c.purity_cuts:
@@ -210,16 +240,39 @@ def is_pure(alert: Mapping, smap: Any, cfg: FilterConfig | ScienceConfig | None 
 
 
 # ---- extragalactic transient ---------------------------------------------------------------------
+def _sign_key(smap: Any) -> str | None:
+    """Generic key that tells the sign of the subtraction: ``isdiffpos`` if the survey maps it,
+    else ``flux`` (its sign), else None."""
+    if field_name(smap, "isdiffpos") is not None:
+        return "isdiffpos"
+    if field_name(smap, "flux") is not None:
+        return "flux"
+    return None
+
+
+def _sign(rec: Mapping, smap: Any, key: str, c: FilterConfig) -> tuple[str, bool | None]:
+    """(status, positive) of a detection record: status ok/null/nan/invalid."""
+    v = rec.get(field_name(smap, key))
+    if key == "flux":
+        st, x = _number(v)
+        return st, (x > 0 if st == _OK else None)
+    pos = _is_positive(v, c)
+    if pos is None:
+        return (_NULL if v is None else _NAN), None
+    return _OK, pos
+
+
 def positive_detection_times(alert: Mapping, smap: Any, cfg: FilterConfig | ScienceConfig | None = None) -> list[float]:
-    """Times of the alert's positive detections (current + previous), de-duplicated and
-    SORTED by time. Upper limits (null source id or null magnitude) are excluded; records
-    with a null/NaN time are ignored."""
+    """Times of the alert's positive detections (current + previous), de-duplicated by
+    source id and SORTED by time. Upper limits (null source id, or no magnitude/flux) are
+    excluded, as are records with a null/NaN time. Positive: by ``isdiffpos`` if the survey
+    maps it, else by the sign of ``flux``, else every detection counts."""
     c = _cfg(cfg, smap)
     src, prv = _records(alert, smap)
     t_name = _map_get(smap, "time")
     id_name = _map_get(smap, "sourceId")
-    mag_name = _map_get(smap, "mag")
-    sign_name = field_name(smap, "isdiffpos")
+    phot_name = field_name(smap, "mag") or field_name(smap, "flux")
+    skey = _sign_key(smap)
     if not isinstance(t_name, str):
         return []
     seen: set = set()
@@ -232,17 +285,15 @@ def positive_detection_times(alert: Mapping, smap: Any, cfg: FilterConfig | Scie
             if sid in seen:
                 continue
             seen.add(sid)
-        if isinstance(mag_name, str):
-            st, _ = _number(rec.get(mag_name))
-            if st != _OK:
-                continue
-        if sign_name is not None and _is_positive(rec.get(sign_name), c) is not True:
+        if phot_name is not None and _number(rec.get(phot_name))[0] != _OK:
+            continue  # no measurement: not a detection
+        if skey is not None and _sign(rec, smap, skey, c)[1] is not True:
             continue
         st, t = _number(rec.get(t_name))
         if st != _OK:
             continue
         times.append(t)
-    times.sort()
+    times.sort()  # the system we re-create differenced UNSORTED times
     return times
 
 
@@ -250,25 +301,24 @@ def is_extragalactic_transient(
     alert: Mapping, smap: Any, cfg: FilterConfig | ScienceConfig | None = None
 ) -> FilterResult:
     """Positive subtraction; no point-source counterpart; not moving; no known solar-system
-    object. Cuts on unmapped fields are skipped; the "moving" cut needs the sign (isdiffpos)
-    and time fields."""
+    object. A cut whose fields the survey does not map is skipped (``result.skipped``); the
+    sign comes from ``isdiffpos`` or, failing that, from the sign of ``flux``."""
     c = _cfg(cfg, smap)
     src, _ = _records(alert, smap)
     if src is None:
         return FilterResult(False, ["no_source"])
     res = FilterResult(passed=True)
+    skey = _sign_key(smap)
 
     # 1. positive subtraction
-    name = field_name(smap, "isdiffpos")
     if "isdiffpos" not in c.exgal_cuts:
         pass
-    elif name is None:
+    elif skey is None:
         res.skipped.append("isdiffpos")
     else:
-        v = _lookup(alert, src, name)
-        pos = _is_positive(v, c)
-        if pos is None:
-            res.reasons.append(f"{'null' if v is None else 'nan'}:isdiffpos")
+        st, pos = _sign(src, smap, skey, c)
+        if st != _OK:
+            res.reasons.append(f"{st}:{skey}")
         elif not pos:
             res.reasons.append("negative_subtraction")
 
@@ -285,7 +335,7 @@ def is_extragalactic_transient(
             if st == _NULL:
                 far = True  # no counterpart catalogued
             elif st == _OK:
-                far = d < 0 or d > c.point_source_dist_max  # negative: "none" sentinel
+                far = d < 0 or not _le(d, c.point_source_dist_max)  # negative: "none" sentinel
             else:
                 why.append(f"{st}:distpsnr1")
         else:
@@ -294,7 +344,7 @@ def is_extragalactic_transient(
         if s_name is not None:
             st, s = _number(_lookup(alert, src, s_name))
             if st == _OK:
-                galaxy = s < c.point_source_sg_min
+                galaxy = not _ge(s, c.point_source_sg_min)
             else:
                 why.append(f"{st}:sgscore1")
         else:
@@ -307,17 +357,16 @@ def is_extragalactic_transient(
             else:  # one field unmapped, the other says "point source"
                 res.reasons.append("point_source")
 
-    # 3. not moving: >= N positive detections spanning >= span (sorted by time). The cut is
-    #    defined on POSITIVE detections, so it needs the sign field as well as the time field.
+    # 3. not moving: >= N positive detections spanning >= span (SORTED by time)
     if "moving" not in c.exgal_cuts:
         pass
-    elif field_name(smap, "isdiffpos") is None or not isinstance(_map_get(smap, "time"), str):
+    elif not isinstance(_map_get(smap, "time"), str):
         res.skipped.append("moving")
     else:
         times = positive_detection_times(alert, smap, c)
         if len(times) < c.moving_min_detections:
             res.reasons.append("single_detection")
-        elif (times[-1] - times[0]) * 1440.0 < c.moving_min_span_minutes:
+        elif not _ge((times[-1] - times[0]) * 1440.0, c.moving_min_span_minutes):
             res.reasons.append("moving")
 
     # 4. no known solar-system object: ssdistnr null, < 0 or > max
@@ -329,7 +378,7 @@ def is_extragalactic_transient(
     else:
         st, d = _number(_lookup(alert, src, name))
         if st == _OK:
-            if 0 <= d <= c.ss_dist_max:
+            if d >= 0 and _le(d, c.ss_dist_max):
                 res.reasons.append("solar_system")
         elif st != _NULL:
             res.reasons.append(f"{st}:ssdistnr")

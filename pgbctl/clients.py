@@ -1,0 +1,195 @@
+"""One factory for the official Google Cloud clients, for either backend.
+
+Everything else in pgbctl asks a :class:`Clients` for its clients and never looks at the
+backend again::
+
+    c = Clients.for_backend("local", project, endpoints())   # or ("gcp", project)
+    c.publisher.publish(c.topic_path("alerts"), data)
+
+``local``: the Pub/Sub clients are built on an insecure gRPC channel to the emulator with
+UNLIMITED message sizes.  (With only ``PUBSUB_EMULATOR_HOST`` set, google-cloud-pubsub opens
+``grpc.insecure_channel(host)`` with gRPC's default 4 MB receive limit, while the emulator
+packs up to 100 messages in one pull response: pulls of ~70 KB alerts fail with
+RESOURCE_EXHAUSTED and streaming pull silently delivers nothing.)  Storage and BigQuery
+use ``client_options={"api_endpoint": url}`` and anonymous credentials.
+
+``gcp``: application-default credentials, default endpoints, no overrides.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import grpc
+    from google.cloud import bigquery, pubsub_v1, storage
+
+    from pgbctl.local.services import Endpoints
+
+BACKENDS = ("gcp", "local")
+
+#: gRPC channel options for the Pub/Sub emulator channel.
+EMULATOR_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.enable_http_proxy", 0),  # never route 127.0.0.1 through a proxy
+    ("grpc.keepalive_time_ms", 30000),
+)
+
+
+def emulator_channel(host: str) -> "grpc.Channel":
+    """An insecure channel to a gRPC emulator with unlimited message sizes."""
+    import grpc
+
+    return grpc.insecure_channel(host, options=list(EMULATOR_CHANNEL_OPTIONS))
+
+
+class Clients:
+    """Lazily built official clients for one project on one backend.
+
+    Properties: ``publisher`` (pubsub_v1.PublisherClient), ``subscriber``
+    (pubsub_v1.SubscriberClient), ``storage`` (storage.Client), ``bigquery``
+    (bigquery.Client), ``project``.  Thread-safe construction; call :meth:`close` to release
+    the gRPC channels.
+    """
+
+    def __init__(self, backend: str, project: str, endpoints: "Endpoints | None" = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if not project:
+            raise ValueError("project is required")
+        if backend == "local" and endpoints is None:
+            from pgbctl.local.services import endpoints as _endpoints
+
+            endpoints = _endpoints()
+        self.backend = backend
+        self._project = project
+        self.endpoints = endpoints if backend == "local" else None
+        self._lock = threading.RLock()
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, name: str, make) -> Any:
+        c = self._cache.get(name)
+        if c is None:
+            with self._lock:
+                c = self._cache.get(name)
+                if c is None:
+                    c = self._cache[name] = make()
+        return c
+
+    @classmethod
+    def for_backend(cls, backend: str, project: str, endpoints: "Endpoints | None" = None) -> "Clients":
+        """``endpoints`` is used only for ``local`` (default: the running local services)."""
+        return cls(backend, project, endpoints)
+
+    @property
+    def project(self) -> str:
+        return self._project
+
+    @property
+    def is_local(self) -> bool:
+        return self.backend == "local"
+
+    # ------------------------------------------------------------------ Pub/Sub
+
+    @property
+    def publisher(self) -> "pubsub_v1.PublisherClient":
+        return self._get("publisher", self._make_publisher)
+
+    def _make_publisher(self) -> "pubsub_v1.PublisherClient":
+        from google.cloud import pubsub_v1
+
+        if not self.is_local:
+            return pubsub_v1.PublisherClient()
+        from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
+
+        host = self.endpoints.pubsub_host
+        transport = PublisherGrpcTransport(host=host, channel=emulator_channel(host))
+        return pubsub_v1.PublisherClient(transport=transport)
+
+    @property
+    def subscriber(self) -> "pubsub_v1.SubscriberClient":
+        return self._get("subscriber", self._make_subscriber)
+
+    def _make_subscriber(self) -> "pubsub_v1.SubscriberClient":
+        from google.cloud import pubsub_v1
+
+        if not self.is_local:
+            return pubsub_v1.SubscriberClient()
+        from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
+
+        host = self.endpoints.pubsub_host
+        transport = SubscriberGrpcTransport(host=host, channel=emulator_channel(host))
+        return pubsub_v1.SubscriberClient(transport=transport)
+
+    def topic_path(self, name: str) -> str:
+        """``projects/<project>/topics/<name>`` (a full path is returned unchanged)."""
+        return name if name.startswith("projects/") else f"projects/{self._project}/topics/{name}"
+
+    def subscription_path(self, name: str) -> str:
+        """``projects/<project>/subscriptions/<name>`` (a full path is returned unchanged)."""
+        return name if name.startswith("projects/") else f"projects/{self._project}/subscriptions/{name}"
+
+    # ------------------------------------------------------------------ Storage / BigQuery
+
+    @property
+    def storage(self) -> "storage.Client":
+        return self._get("storage", self._make_storage)
+
+    def _make_storage(self) -> "storage.Client":
+        from google.cloud import storage
+
+        if not self.is_local:
+            return storage.Client(project=self._project)
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=self._project, credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.endpoints.storage_url})
+
+    @property
+    def bigquery(self) -> "bigquery.Client":
+        return self._get("bigquery", self._make_bigquery)
+
+    def _make_bigquery(self) -> "bigquery.Client":
+        from google.cloud import bigquery
+
+        if not self.is_local:
+            return bigquery.Client(project=self._project)
+        from google.auth.credentials import AnonymousCredentials
+
+        return bigquery.Client(project=self._project, credentials=AnonymousCredentials(),
+                               client_options={"api_endpoint": self.endpoints.bigquery_url})
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the clients that were built (their gRPC channels / HTTP sessions)."""
+        for name in ("publisher", "subscriber"):
+            c = self._cache.pop(name, None)
+            if c is not None:
+                try:
+                    if name == "subscriber":
+                        c.close()
+                    else:
+                        c.stop()  # flush pending batches
+                        c.transport.close()
+                except Exception:  # noqa: BLE001 - best effort on shutdown
+                    pass
+        for name in ("storage", "bigquery"):
+            c = self._cache.pop(name, None)
+            if c is not None and hasattr(c, "close"):
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def __enter__(self) -> "Clients":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f", endpoints={self.endpoints!r}" if self.endpoints else ""
+        return f"Clients(backend={self.backend!r}, project={self._project!r}{where})"
