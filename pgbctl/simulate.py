@@ -73,10 +73,12 @@ def parse_rate(text: str) -> Rate:
     t = str(text).strip().lower()
     if t in PRESETS:
         return PRESETS[t]
+    if t in ("max", "unlimited"):
+        return Rate(500, 0.0, "max")  # as fast as the backend takes them, 500 per batch
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:/\s*([a-z]+))?", t)
     if not m:
         raise RateError(
-            f"cannot read rate {text!r}: use N (per second), N/min, N/h, N/night or one of "
+            f"cannot read rate {text!r}: use N (per second), N/min, N/h, N/night, max or one of "
             + ", ".join(PRESETS)
         )
     n = float(m.group(1))

@@ -275,12 +275,15 @@ class Backend:
         for stub in naming.TOPICS:
             name = inst.topic(stub)
             st.resources.append(ResourceStatus("topic", name, (RKind.topic, name) in have))
-        for stub in naming.SUBSCRIPTIONS:
-            name = inst.subscription(stub)
-            exists = (RKind.subscription, name) in have
-            detail = {}
-            if exists and count_waiting:
-                detail["waiting"] = self.count_waiting(name)
+        subs = [inst.subscription(stub) for stub in naming.SUBSCRIPTIONS]
+        present = [n for n in subs if (RKind.subscription, n) in have]
+        waiting: dict[str, int | None] = {}
+        if count_waiting and present:
+            with ThreadPoolExecutor(min(8, len(present))) as pool:
+                waiting = dict(zip(present, pool.map(self.count_waiting, present)))
+        for name in subs:
+            exists = name in present
+            detail = {"waiting": waiting[name]} if name in waiting else {}
             st.resources.append(ResourceStatus("subscription", name, exists, detail))
         for stub in naming.BUCKETS:
             name = inst.bucket(stub)

@@ -74,21 +74,23 @@ class LocalBackend(Backend):
 
     def count_waiting(self, subscription: str, cap: int = 200_000, timeout: float = 60.0) -> int | None:
         """Messages waiting in a subscription. The emulator has no metrics, so pull without
-        acking (up to ``cap``), then hand every message straight back (ack deadline 0)."""
+        acking (up to ``cap``), then hand every message straight back (ack deadline 0).
+        Messages another subscriber holds (outstanding leases) are not counted."""
+        from google.api_core import exceptions as gexc
+
         sub = self.clients.subscriber
         path = self.subscription_path(subscription)
         ack_ids: list[str] = []
         deadline = time.monotonic() + timeout
-        empty = 0
         try:
             while len(ack_ids) < cap and time.monotonic() < deadline:
-                resp = sub.pull(request={"subscription": path, "max_messages": 1000}, timeout=10)
+                try:
+                    resp = sub.pull(request={"subscription": path, "max_messages": 1000,
+                                             "return_immediately": True}, timeout=10)
+                except gexc.DeadlineExceeded:
+                    break
                 if not resp.received_messages:
-                    empty += 1
-                    if empty >= 2:
-                        break
-                    continue
-                empty = 0
+                    break
                 ack_ids.extend(m.ack_id for m in resp.received_messages)
         finally:
             for i in range(0, len(ack_ids), 1000):

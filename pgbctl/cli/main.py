@@ -58,31 +58,11 @@ app.command()(instance.delete)
 app.command()(instance.status)
 
 
-def _register() -> None:
-    """Sub-apps and commands defined in their own modules (imported lazily by name)."""
-    import importlib
+from pgbctl.cli import local_cmd, query, simulate  # noqa: E402
 
-    for mod, attr, name in [
-        ("pgbctl.cli.local_cmd", "app", "local"),
-        ("pgbctl.cli.simulate", "app", None),
-        ("pgbctl.cli.night", "app", "night"),
-        ("pgbctl.cli.query", "app", None),
-    ]:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        sub = getattr(m, attr)
-        if name:
-            app.add_typer(sub, name=name)
-        else:
-            for cmd in getattr(m, "COMMANDS", []):
-                app.command()(cmd)
-
-
-_register()
+app.add_typer(local_cmd.app, name="local")
+for _cmd in (*simulate.COMMANDS, *query.COMMANDS):
+    app.command()(_cmd)
 
 
 def main() -> None:
