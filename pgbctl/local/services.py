@@ -539,9 +539,13 @@ def up(services: Iterable[str] | str | None = None, *, home: str | Path | None =
                     tail = log_tail(rec.log)
                     rc = child_returncode(rec.pid)
                     _stop_records([rec], timeout=2.0)
-                    if retries[name] < 2 and re.search(r"(?i)address already in use|bind", tail):
+                    if retries[name] < 6 and re.search(r"(?i)address already in use|bind", tail):
+                        # keep the address clients already know while the old socket is released;
+                        # only after several tries move to fresh ports
                         retries[name] += 1
-                        pending[name] = _start_one(sd, spec, h, rec.options, None, fresh_ports=True)
+                        time.sleep(0.3 * retries[name])
+                        pending[name] = _start_one(sd, spec, h, rec.options, rec.ports,
+                                                   fresh_ports=retries[name] > 4)
                         continue
                     sd.clear(name)
                     raise LocalServicesError(f"{name} exited during start-up (exit code {rc}); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -194,6 +195,7 @@ def test_warehouse(local_clients, local_endpoints, tmp_path):
         import sys, time
         from pgbctl import paths
         from pgbctl.local import endpoints
+        from pgbctl.clients import Clients
         c = Clients.for_backend("local", {local_endpoints.project!r}, endpoints())
         tag, n = sys.argv[1], int(sys.argv[2])
         rows = [{{"objectId": f"{{tag}}-{{i}}", "candid": i, "candidate": {{"ra": 0.1, "magpsf": 18.0}},
@@ -237,14 +239,17 @@ _DRAINER = textwrap.dedent("""
 """)
 
 
+_READY = re.compile(r"^ready (\d+)$", re.M)  # the process's own line, not the log's start header
+
+
 def test_supervised_process_lifecycle(tmp_path):
     home = tmp_path / "home"
     marker = tmp_path / "drained"
     argv = [PY, "-c", _DRAINER, str(marker)]
     info = svc.start_process("consumer", argv, {"X_TEST": "1"}, home=home)
     assert info.running and info.pid
-    assert _wait(lambda: "ready" in (home / "procs" / "consumer.log").read_text())
-    grandchild = int((home / "procs" / "consumer.log").read_text().split("ready")[1].split()[0])
+    assert _wait(lambda: _READY.search((home / "procs" / "consumer.log").read_text()))
+    grandchild = int(_READY.search((home / "procs" / "consumer.log").read_text()).group(1))
     assert svc.start_process("consumer", argv, home=home).pid == info.pid  # idempotent
     with pytest.raises(svc.LocalServicesError):
         svc.start_process("consumer", [PY, "-c", "pass"], home=home)
@@ -279,8 +284,9 @@ def test_restart_on_crash(tmp_path):
         time.sleep(300)
     """)
     svc.start_process("flaky", [PY, "-c", code], home=home, restart_on_crash=True, max_restarts=3)
-    info = _wait(lambda: (i := svc.list_processes(home)["flaky"]).restarts >= 1 and i.state == "running" and i)
-    assert info and info.running and info.last_exit == 3 and counter.read_text() == "2"
+    info = _wait(lambda: (i := svc.list_processes(home)["flaky"]).restarts >= 1 and i.state == "running"
+                 and counter.read_text() == "2" and i)  # the restarted child has started
+    assert info and info.running and info.last_exit == 3
     child = info.child_pid
     assert child and pid_alive(child)
     assert svc.stop_process("flaky", drain_timeout=5, home=home)
@@ -316,7 +322,7 @@ def test_up_down_leaves_no_processes(tmp_path):
     cold = time.monotonic() - t0
     assert all(i.healthy for i in st.values())
     svc.start_process("sleeper", [PY, "-c", _DRAINER, str(tmp_path / "m")], home=home)
-    assert _wait(lambda: "ready" in (home / "procs" / "sleeper.log").read_text())
+    assert _wait(lambda: _READY.search((home / "procs" / "sleeper.log").read_text()))
     pids = svc.all_pids(home)
     assert len(pids) >= 5  # 3 services + process + its grandchild
     t0 = time.monotonic()
