@@ -8,6 +8,7 @@ real OBJECT_FINALIZE messages to the Pub/Sub emulator). Warehouse: see
 from __future__ import annotations
 
 import time
+import warnings
 
 from pgbctl.backends.base import Backend, BackendError
 from pgbctl.naming import Instance
@@ -85,8 +86,10 @@ class LocalBackend(Backend):
         try:
             while len(ack_ids) < cap and time.monotonic() < deadline:
                 try:
-                    resp = sub.pull(request={"subscription": path, "max_messages": 1000,
-                                             "return_immediately": True}, timeout=10)
+                    with warnings.catch_warnings():  # deprecated on Google, honoured by the emulator
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        resp = sub.pull(request={"subscription": path, "max_messages": 1000,
+                                                 "return_immediately": True}, timeout=10)
                 except gexc.DeadlineExceeded:
                     break
                 if not resp.received_messages:

@@ -77,8 +77,9 @@ def create(
         the_plan = plan(want, be.observe(inst))
     except BackendError as e:
         raise out.fail(str(e)) from None
-    out.data({"instance": inst.label, "dry_run": dry_run, **the_plan.as_dict()},
-             lambda _: render_plan(the_plan, f"plan for {inst.label} on {o.backend}"))
+    if the_plan or out.json:
+        out.data({"instance": inst.label, "dry_run": dry_run, **the_plan.as_dict()},
+                 lambda _: render_plan(the_plan, f"plan for {inst.label} on {o.backend}"))
     if dry_run or not the_plan:
         if not the_plan:
             out.info(f"{inst.label}: up to date, nothing to do")
@@ -122,8 +123,9 @@ def delete(
         the_plan = plan_delete(be.observe(inst))
     except BackendError as e:
         raise out.fail(str(e)) from None
-    out.data({"instance": inst.label, "dry_run": dry_run, **the_plan.as_dict()},
-             lambda _: render_plan(the_plan, f"delete plan for {inst.label} on {o.backend}"))
+    if the_plan or out.json:
+        out.data({"instance": inst.label, "dry_run": dry_run, **the_plan.as_dict()},
+                 lambda _: render_plan(the_plan, f"delete plan for {inst.label} on {o.backend}"))
     if dry_run or not the_plan:
         if not the_plan:
             out.info(f"{inst.label}: nothing to delete")
@@ -148,8 +150,9 @@ def render_status(st: dict):
     parts = [table(f"{inst['survey']}/{inst['testid'] or '(production)'} on {st['backend']} ({inst['project']})",
                    ["kind", "name", "exists", "counts"], rows)]
     if st.get("processes"):
-        parts.append(table("processes", ["name", "pid", "running", "uptime_s", "log"],
-                           [[p.get("name"), p.get("pid"), p.get("running"), p.get("uptime_s"), p.get("log")]
+        parts.append(table("processes", ["name", "state", "pid", "uptime", "log"],
+                           [[p.get("name"), p.get("state") or ("running" if p.get("running") else "exited"),
+                             p.get("pid"), f"{p['uptime']:.0f}s" if p.get("uptime") else "", p.get("log")]
                             for p in st["processes"]]))
     if st.get("services"):
         parts.append(table("local services", ["service", "pid", "port", "healthy"],
@@ -179,8 +182,11 @@ def status(
         raise out.fail(str(e)) from None
     st["reconcile"] = reconcile(st)
     out.data(st, render_status)
-    if not all(r["exists"] for r in st["resources"]):
-        missing = sum(1 for r in st["resources"] if not r["exists"])
+    missing = sum(1 for r in st["resources"] if not r["exists"])
+    if missing == len(st["resources"]):
+        raise out.fail(f"{o.instance.label} does not exist on {o.backend} (project {o.project}); "
+                       f"run `pgbctl create` to create it")
+    if missing:
         out.warn(f"{missing} resources missing; run `pgbctl create` to create them")
 
 
@@ -199,6 +205,10 @@ def reconcile(st: dict) -> dict:
     out["objects in alert_avros bucket"] = find("bucket", "-alert_avros", "objects")
     out["rows in alerts table"] = find("table", ".alerts", "rows")
     out["rows in DIASource table"] = find("table", ".DIASource", "rows")
+    out["alerts_pure published"] = find("subscription", "-alerts_pure-counter", "waiting")
+    out["exgalac_trans published"] = find("subscription", "-exgalac_trans-counter", "waiting")
+    out["salt2 fits published"] = find("subscription", "-salt2-counter", "waiting")
     out["rows in salt2 table"] = find("table", ".salt2", "rows")
+    out["light-curve PNGs in sncosmo bucket"] = find("bucket", "-sncosmo", "objects")
     out["dead letters"] = find("subscription", "-dead_letter-counter", "waiting")
     return {k: v for k, v in out.items() if v is not None}
