@@ -16,6 +16,18 @@ class GcpBackend(Backend):
         super().__init__(project)
         self.location = location
 
+    def ensure_ready(self) -> None:
+        import google.auth
+        from google.auth.exceptions import GoogleAuthError
+
+        try:
+            google.auth.default()
+        except GoogleAuthError as e:
+            raise BackendError(
+                f"no Google Cloud credentials for project {self.project!r}: run "
+                "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            ) from None
+
     def make_clients(self):
         from pgbctl.clients import Clients
 

@@ -140,7 +140,7 @@ def opts(ctx: typer.Context, **given: Any) -> Opts:
 
 # ---- output ---------------------------------------------------------------------------------
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=False)
 
 
@@ -171,6 +171,30 @@ class Out:
     def fail(self, msg: str, code: int = 1) -> "typer.Exit":
         err.print(f"[red]error:[/red] {msg}")
         return typer.Exit(code)
+
+
+class backend_errors:
+    """Turn backend and Google API errors into one line on stderr and exit code 1."""
+
+    def __init__(self, out: "Out", what: str = ""):
+        self.out, self.what = out, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or isinstance(exc, (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit)):
+            return False
+        from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError
+
+        from pgbctl.backends.base import BackendError
+
+        if isinstance(exc, (BackendError, GoogleAPIError, GoogleAuthError, ConnectionError)):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            prefix = f"{self.what}: " if self.what else ""
+            raise self.out.fail(f"{prefix}{first}") from None
+        return False
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:

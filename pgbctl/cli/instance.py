@@ -21,6 +21,7 @@ from pgbctl.cli.common import (
     Testid,
     Verbose,
     Yes,
+    backend_errors,
     confirm,
     err,
     opts,
@@ -42,8 +43,9 @@ def render_plan(p: Plan, title: str):
 
 
 def _apply(o, out: Out, backend, the_plan: Plan, inst, **kw) -> None:
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  console=err, transient=True, disable=out.json) as bar:
+    with backend_errors(out, "apply"), Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            console=err, transient=True, disable=out.json) as bar:
         task = bar.add_task("applying", total=len(the_plan))
         results = backend.apply(the_plan, inst, progress=lambda ch: bar.advance(task), **kw)
     failed = [m for _, m in results if m]
@@ -72,11 +74,9 @@ def create(
     except FileNotFoundError as e:
         raise out.fail(str(e), 2) from None
     be = get_backend(o.backend, o.project)
-    try:
+    with backend_errors(out, "observe"):
         want = desired(inst, table_schemas=schemas, broker_files=files)
         the_plan = plan(want, be.observe(inst))
-    except BackendError as e:
-        raise out.fail(str(e)) from None
     if the_plan or out.json:
         out.data({"instance": inst.label, "dry_run": dry_run, **the_plan.as_dict()},
                  lambda _: render_plan(the_plan, f"plan for {inst.label} on {o.backend}"))
@@ -119,10 +119,8 @@ def delete(
             )
         err.print(f"[bold red]!!! DELETING THE PRODUCTION {inst.survey.upper()} BROKER IN {o.project} !!![/bold red]")
     be = get_backend(o.backend, o.project)
-    try:
+    with backend_errors(out, "observe"):
         the_plan = plan_delete(be.observe(inst))
-    except BackendError as e:
-        raise out.fail(str(e)) from None
     if the_plan or out.json:
         out.data({"instance": inst.label, "dry_run": dry_run, **the_plan.as_dict()},
                  lambda _: render_plan(the_plan, f"delete plan for {inst.label} on {o.backend}"))
@@ -176,10 +174,8 @@ def status(
     o = opts(ctx, backend=backend, project=project, survey=survey, testid=testid, json=json_, verbose=verbose)
     out = Out(o)
     be = get_backend(o.backend, o.project)
-    try:
+    with backend_errors(out, "status"):
         st = be.status(o.instance, count_waiting=not no_count).as_dict()
-    except BackendError as e:
-        raise out.fail(str(e)) from None
     st["reconcile"] = reconcile(st)
     out.data(st, render_status)
     missing = sum(1 for r in st["resources"] if not r["exists"])

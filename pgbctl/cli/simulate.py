@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pgbctl import simulate as sim
 from pgbctl.backends import BackendError, get_backend
-from pgbctl.cli.common import Backend, Json, Out, Project, Survey, Testid, Verbose, Yes, err, opts, table
+from pgbctl.cli.common import Backend, Json, Out, Project, Survey, Testid, Verbose, Yes, backend_errors, err, opts, table
 
 
 def simulate(
@@ -62,7 +62,8 @@ def simulate(
 
     be = get_backend(o.backend, o.project)
     try:
-        clients = be.clients
+        with backend_errors(out, "connect"):
+            clients = be.clients
         if synthetic:
             source, label = sim.synthetic(smap, seed=seed), f"synthetic(seed={seed})"
         elif from_dir is not None:

@@ -83,3 +83,11 @@ def test_command_options_override_root_options():
     merged = opts(root, testid="bbb", json=True, survey=None)
     assert (merged.testid, merged.survey, merged.json) == ("bbb", "ztf", True)
     assert merged.instance.topic("alerts") == "ztf-alerts-bbb"
+
+
+def test_gcp_without_credentials_is_one_line_exit_1(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    code, out, err = run("--backend", "gcp", "--project", "my-proj", "status", "--testid", "x")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "credentials" in err
