@@ -91,3 +91,19 @@ def test_gcp_without_credentials_is_one_line_exit_1(tmp_path, monkeypatch):
     code, out, err = run("--backend", "gcp", "--project", "my-proj", "status", "--testid", "x")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "credentials" in err
+
+
+def test_shell_completion_completes_nouns_and_verbs():
+    import os
+    import subprocess
+    import sys
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": str(cword), "_PGBCTL_COMPLETE": "complete_bash"}
+        r = subprocess.run([sys.executable, "-c", "from pgbctl.cli.main import main; main()"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        return r.stdout.split()
+
+    # the program name the completion script registers is `pgbctl` (the console script)
+    assert "local" in complete("pgbctl lo", 1)
+    assert set(complete("pgbctl local ", 2)) >= {"up", "down", "status"}
