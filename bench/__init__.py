@@ -130,29 +130,44 @@ def machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def local_home(prefix: str = "pgbctl-bench-") -> Iterator[Path]:
-    """A fresh PGBCTL home with the local services up; services stopped and the folder removed
-    on exit, whatever happens. ``PGBCTL_HOME`` points at it meanwhile (for the CLI and for
-    code calling ``services.endpoints()`` without a home)."""
+def _env(**values: str | None) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is not None:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def local_home(prefix: str = "pgbctl-bench-", *, pubsub_java_opts: str | None = None) -> Iterator[Path]:
+    """A fresh PGBCTL home with the local services up; services (and any process started
+    in that home) stopped and the folder removed on exit, whatever happens. ``PGBCTL_HOME``
+    points at it meanwhile (for the CLI and for code calling ``services.endpoints()``).
+
+    ``pubsub_java_opts``: JAVA_OPTS of the Pub/Sub emulator (default: pgbctl's, -Xmx1g)."""
     from pgbctl.local import services
 
     home = Path(tempfile.mkdtemp(prefix=prefix))
-    old = os.environ.get("PGBCTL_HOME")
-    os.environ["PGBCTL_HOME"] = str(home)
-    try:
-        t0 = time.monotonic()
-        services.up(home=home, timeout=120)
-        log(f"local services up in {time.monotonic() - t0:.1f}s ({home})")
-        yield home
-    finally:
+    with _env(PGBCTL_HOME=str(home)):
         try:
-            services.down(home=home)
+            t0 = time.monotonic()
+            with _env(PGBCTL_PUBSUB_JAVA_OPTS=pubsub_java_opts):
+                services.up(home=home, timeout=120)
+            log(f"local services up in {time.monotonic() - t0:.1f}s ({home})")
+            yield home
         finally:
-            if old is None:
-                os.environ.pop("PGBCTL_HOME", None)
-            else:
-                os.environ["PGBCTL_HOME"] = old
-            shutil.rmtree(home, ignore_errors=True)
+            try:
+                res = services.down(home=home)
+                log(f"local services down: {res}")
+            finally:
+                shutil.rmtree(home, ignore_errors=True)
 
 
 def pgbctl_exe() -> list[str]:
