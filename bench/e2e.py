@@ -1,0 +1,299 @@
+"""Local end-to-end benchmark: a broker night on the emulators, alert publish → archive object
+and → warehouse row.
+
+Steps (temporary PGBCTL home, services stopped at the end whatever happens)::
+
+    pgbctl create --testid bench --yes
+    pgbctl night start --survey ztf --testid bench
+    (warm-up: W alerts, wait until they are archived and in the table)
+    paced phase: P alerts published at 300/s (the Rubin average rate)
+    burst phase: N alerts published as fast as the client can
+    pgbctl night end --survey ztf --testid bench
+    pgbctl delete --testid bench --yes
+
+Alerts are synthetic ZTF-sized (~70 KB) packets with unique object/source ids, their message
+attributes computed before the clock starts. The publish time of each alert is recorded when
+it is handed to the publisher. "Archived" is the object's ``timeCreated`` in the
+``alert_avros`` bucket (``<objectId>.<sourceId>.<topic>.avro``); "in the table" is the first
+poll of ``DIASource`` (every ~0.3 s) that returns its source id (the warehouse keeps no
+insertion time), so table latencies are over-estimated by up to one poll interval.
+
+Rows: per sink (``archive``, ``bq_sink``), the paced phase's p50/p95 latency and the burst
+phase's throughput (alerts / (last landed - first published)). Target ≥ 300 alerts/s (Rubin
+average), aim 1000/s.
+
+``pgbctl night`` is required; without it the module reports one "skipped" row. For working
+on this benchmark before ``night`` exists, ``BENCH_E2E_DIRECT=1`` starts the two components
+directly (``pgbctl.functions_runtime`` and ``pgbctl.localrun``) instead of the CLI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench import cli, local_home, log, percentile, pgbctl_exe, row, skipped
+
+TESTID = "bench"
+SURVEY = "ztf"
+PACED_RATE = 300.0
+
+
+def night_available() -> bool:
+    p = subprocess.run([*pgbctl_exe(), "night", "start", "--help"], capture_output=True, text=True, timeout=60)
+    return p.returncode == 0
+
+
+# ---- the components -------------------------------------------------------------------------------
+
+
+def _night(cmd: str, home: Path) -> None:
+    if os.environ.get("BENCH_E2E_DIRECT"):
+        return _direct(cmd, home)
+    log(f"e2e: pgbctl night {cmd}")
+    cli(["--yes", "night", cmd, "--survey", SURVEY, "--testid", TESTID], home=home, timeout=300)
+
+
+def _direct(cmd: str, home: Path) -> None:
+    """Development stand-in for ``pgbctl night start|end`` (BENCH_E2E_DIRECT=1)."""
+    from pgbctl import naming
+    from pgbctl.local import services
+
+    names = ("bench-archive", "bench-bq-sink")
+    if cmd == "end":
+        for n in names:
+            services.stop_process(n, home=home)
+        return
+    ep = services.endpoints(home)
+    inst = naming.Instance(SURVEY, TESTID, ep.project)
+    env = {**ep.env(), "PGBCTL_SURVEY": SURVEY, "PGBCTL_TESTID": TESTID, "PGBCTL_BACKEND": "local",
+           "GCP_PROJECT": ep.project}
+    sub = f"projects/{ep.project}/subscriptions/{inst.subscription('alerts-upload_bytes_to_bucket')}"
+    log("e2e: BENCH_E2E_DIRECT: starting the archive function and bq-sink directly")
+    services.start_process(names[0], [sys.executable, "-m", "pgbctl.functions_runtime", "upload_bytes_to_bucket",
+                                      "--subscription", sub], env, home=home)
+    services.start_process(names[1], [sys.executable, "-m", "pgbctl.localrun", "bq-sink", "--survey", SURVEY,
+                                      "--testid", TESTID, "--project", ep.project, "--home", str(home)],
+                           env, home=home)
+
+
+# ---- observing the sinks ---------------------------------------------------------------------------
+
+
+class Watcher:
+    """Polls the archive bucket and the DIASource table in a thread; first-seen times per
+    source id (bucket: the object's timeCreated)."""
+
+    def __init__(self, clients, inst, smap, every: float = 0.3, bucket_every: float = 1.0):
+        self.clients, self.inst, self.every, self.bucket_every = clients, inst, every, bucket_every
+        self.window = (0, 2**63 - 1)  # source ids of the current phase (keeps the polls small)
+        self._table_count = -1
+        self._bucket_polled = 0.0
+        self.bucket = inst.bucket("alert_avros")
+        self.table = inst.table("DIASource")
+        self.sid = smap["sourceId"]
+        self.archived: dict[int, float] = {}
+        self.in_table: dict[int, float] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, name="bench-e2e-watch", daemon=True)
+
+    def start(self) -> "Watcher":
+        self._t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(timeout=60)
+
+    def poll_bucket(self) -> None:
+        # timeCreated is the server's time: polling less often loses no precision
+        if time.monotonic() - self._bucket_polled < self.bucket_every:
+            return
+        self._bucket_polled = time.monotonic()
+        for b in self.clients.storage.list_blobs(self.bucket, fields="items(name,timeCreated),nextPageToken"):
+            parts = b.name.split(".")
+            if len(parts) >= 3:
+                try:
+                    sid = int(parts[1])
+                except ValueError:
+                    continue
+                if sid not in self.archived:
+                    tc = b.time_created
+                    self.archived[sid] = tc.timestamp() if tc else time.time()
+
+    def poll_table(self) -> None:
+        now = time.time()
+        bq = self.clients.bigquery
+        n = next(iter(bq.query(f"SELECT COUNT(*) AS n FROM `{self.table}`").result(timeout=60)))["n"]
+        if n == self._table_count:
+            return
+        self._table_count = n
+        lo, hi = self.window
+        q = f"SELECT `{self.sid}` AS sid FROM `{self.table}` WHERE `{self.sid}` BETWEEN {lo} AND {hi}"
+        for r in bq.query(q).result(timeout=60):
+            sid = int(r["sid"])
+            if sid not in self.in_table:
+                self.in_table[sid] = now
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            for poll in (self.poll_table, self.poll_bucket):
+                try:
+                    poll()
+                except Exception as e:  # noqa: BLE001 - a poll failing is retried; reported if it persists
+                    msg = f"{poll.__name__}: {type(e).__name__}: {' '.join(str(e).split())[:150]}"
+                    if msg not in self.errors:
+                        self.errors.append(msg)
+            self._stop.wait(max(0.0, self.every - (time.monotonic() - t0)))
+
+    def watch(self, sids) -> None:
+        """Restrict the table poll to this phase's source ids."""
+        self.window = (min(sids), max(sids))
+
+    def wait_for(self, sids: list[int], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        want = set(sids)
+        while time.monotonic() < deadline:
+            if want <= self.archived.keys() and want <= self.in_table.keys():
+                return True
+            time.sleep(0.2)
+        return False
+
+
+# ---- publishing -----------------------------------------------------------------------------------
+
+
+def _prepare(n: int, seed: int = 5):
+    """``[(sid, data, attributes)]`` of ``n`` unique ZTF-sized synthetic alerts."""
+    from pgbctl import schemamap, simulate, synth
+
+    smap = schemamap.load(SURVEY)
+    out = []
+    for data in synth.iter_generate(n, seed=seed, survey=SURVEY, cutout_bytes=20_000):
+        attrs = simulate.attributes_for(data, smap)
+        out.append((int(attrs["candid"]), data, attrs))
+    return out
+
+
+def _publish(clients, topic: str, alerts, rate: float | None) -> dict[int, float]:
+    """Publish (paced at ``rate``/s, or as fast as possible); hand-over time per source id."""
+    sent: dict[int, float] = {}
+    futures = []
+    start = time.monotonic()
+    for i, (sid, data, attrs) in enumerate(alerts):
+        if rate:
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        sent[sid] = time.time()
+        futures.append(clients.publisher.publish(topic, data, **attrs))
+    for f in futures:
+        f.result(timeout=300)
+    return sent
+
+
+def _latency_rows(phase: str, sent: dict[int, float], w: Watcher, rate_note: str) -> list[dict]:
+    out = []
+    for sink, seen in (("archive", w.archived), ("bq_sink", w.in_table)):
+        lat = [seen[s] - t for s, t in sent.items() if s in seen]
+        missing = len(sent) - len(lat)
+        miss = f"; {missing} of {len(sent)} never landed" if missing else ""
+        for q in (50, 95):
+            v = percentile(lat, q)
+            out.append(row(f"e2e.{sink}.{phase}_latency_p{q}", v, "s", None,
+                           f"publish → {'object in bucket' if sink == 'archive' else 'row in DIASource'}, "
+                           f"{len(sent)} alerts {rate_note}{miss}"))
+    return out
+
+
+def _throughput_rows(phase: str, sent: dict[int, float], w: Watcher, publish_s: float) -> list[dict]:
+    out = []
+    t0 = min(sent.values())
+    pub_rate = len(sent) / publish_s if publish_s > 0 else None
+    for sink, seen in (("archive", w.archived), ("bq_sink", w.in_table)):
+        landed = [seen[s] for s in sent if s in seen]
+        missing = len(sent) - len(landed)
+        v = len(landed) / (max(landed) - t0) if landed and max(landed) > t0 else None
+        miss = f"; {missing} of {len(sent)} never landed" if missing else ""
+        out.append(row(f"e2e.{sink}.{phase}_rate", v, "alerts/s", ">= 300",
+                       f"{len(sent)} alerts published at {pub_rate:.0f}/s; alerts / (last landed - first "
+                       f"published); aim 1000/s{miss}"))
+    return out
+
+
+def run(quick: bool) -> list[dict]:
+    names = ["e2e.archive.burst_rate", "e2e.bq_sink.burst_rate"]
+    if not os.environ.get("BENCH_E2E_DIRECT") and not night_available():
+        return [skipped(n, "night not available (pgbctl night start/end)", "alerts/s", ">= 300") for n in names]
+
+    from pgbctl import naming, schemamap
+    from pgbctl.clients import Clients
+    from pgbctl.local import services
+
+    n_warm, n_paced, n_burst = (20, 600, 1000) if quick else (50, 3000, 5000)
+    log(f"e2e: generating {n_warm + n_paced + n_burst} ZTF-sized alerts")
+    t0 = time.monotonic()
+    alerts = _prepare(n_warm + n_paced + n_burst)
+    log(f"e2e: generated in {time.monotonic() - t0:.1f}s")
+    warm, paced, burst = alerts[:n_warm], alerts[n_warm:n_warm + n_paced], alerts[n_warm + n_paced:]
+    smap = schemamap.load(SURVEY)
+    out: list[dict] = []
+    with local_home("pgbctl-bench-e2e-") as home:
+        ep = services.endpoints(home)
+        clients = Clients.for_backend("local", ep.project, ep)
+        inst = naming.Instance(SURVEY, TESTID, ep.project)
+        topic = clients.topic_path(inst.topic("alerts"))
+        watcher = None
+        try:
+            log("e2e: pgbctl create --testid bench")
+            cli(["create", "--testid", TESTID, "--yes"], home=home, timeout=300)
+            _night("start", home)
+            try:
+                watcher = Watcher(clients, inst, smap).start()
+                t0 = time.monotonic()
+                watcher.watch([a[0] for a in warm])
+                _publish(clients, topic, warm, None)
+                ok = watcher.wait_for([a[0] for a in warm], timeout=180)
+                log(f"e2e: warm-up {'done' if ok else 'NOT done'} in {time.monotonic() - t0:.1f}s")
+                if not ok:
+                    why = "; ".join(watcher.errors[:2]) or "the warm-up alerts did not land within 180 s"
+                    raise RuntimeError(f"night is not processing alerts: {why} "
+                                       f"(archived {len(watcher.archived)}, in table {len(watcher.in_table)} of {n_warm})")
+
+                log(f"e2e: paced phase, {n_paced} alerts at {PACED_RATE:g}/s")
+                watcher.watch([a[0] for a in paced])
+                sent = _publish(clients, topic, paced, PACED_RATE)
+                done = watcher.wait_for(list(sent), timeout=60 + n_paced / 50)
+                out += _latency_rows("paced", sent, watcher, f"published at {PACED_RATE:g}/s")
+                if not done:
+                    log("e2e: paced phase did not complete")
+
+                log(f"e2e: burst phase, {n_burst} alerts")
+                watcher.watch([a[0] for a in burst])
+                t1 = time.monotonic()
+                sent = _publish(clients, topic, burst, None)
+                publish_s = time.monotonic() - t1
+                done = watcher.wait_for(list(sent), timeout=60 + n_burst / 20)
+                log(f"e2e: burst landed {'fully' if done else 'PARTLY'} in {time.monotonic() - t1:.1f}s")
+                out = _throughput_rows("burst", sent, watcher, publish_s) + out
+                out += _latency_rows("burst", sent, watcher, f"published in a burst ({publish_s:.1f}s)")
+                if watcher.errors:
+                    out[0]["note"] += f"; poll errors: {'; '.join(watcher.errors[:2])}"
+            finally:
+                if watcher:
+                    watcher.stop()
+                _night("end", home)
+        finally:
+            try:
+                log("e2e: pgbctl delete --testid bench")
+                cli(["delete", "--testid", TESTID, "--yes"], home=home, check=False, timeout=300)
+            finally:
+                clients.close()
+    return out
