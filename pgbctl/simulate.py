@@ -8,10 +8,12 @@ loop acks a source message only after its publish succeeded.
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 __all__ = [
     "RateError",
@@ -146,7 +148,7 @@ class Summary:
 
 def run(
     source: Iterable[Message],
-    publish: Callable[[list[Message]], list[str | None]],
+    publish: Callable[[Message], Any],
     rate: Rate,
     *,
     count: int | None = None,
@@ -155,45 +157,90 @@ def run(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     leave_in_source: bool = False,
+    max_in_flight: int = 2000,
+    result_timeout: float = 60.0,
+    report_every: float = 0.1,
 ) -> Summary:
-    """Publish from ``source`` following the pacing ``schedule``.
+    """Publish from ``source`` following the pacing ``schedule``, without waiting for each
+    publish to finish (so the rate is not capped by the round trip).
 
-    ``publish(batch)`` returns, per message, None for success or an error text. A source
-    message is acked only after its own publish succeeded; failed ones are nacked (or, with
-    ``leave_in_source``, every message is nacked so the source keeps it).
+    ``publish(message)`` returns a future (``add_done_callback``, ``result``, ``exception``),
+    as ``PublisherClient.publish`` does; a future that raises is a failed publish. A source
+    message is acked only after its own publish succeeded; failed ones are nacked (with
+    ``leave_in_source`` every message is nacked, so the source keeps it). At most
+    ``max_in_flight`` publishes are outstanding; the run ends when every one has finished.
     """
     it = iter(source)
     summ = Summary(requested_rate=rate.per_second)
+    lock = threading.Lock()
+    in_flight: deque = deque()
+
+    def done(msg: Message, fut) -> None:
+        try:
+            exc = fut.exception(timeout=0)
+        except Exception as e:  # noqa: BLE001 - a cancelled or broken future is a failure too
+            exc = e
+        with lock:
+            if exc is None:
+                summ.published += 1
+                cb = msg.nack if leave_in_source else msg.ack
+            else:
+                summ.failed += 1
+                summ.errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                cb = msg.nack
+        if cb:
+            cb()
+
+    def settle(fut, msg) -> None:
+        try:
+            fut.result(timeout=result_timeout)
+        except Exception:  # noqa: BLE001 - counted by the callback
+            pass
+
     start = clock()
-    for offset, n in schedule(rate, count, duration):
-        wait = start + offset - clock()
-        if wait > 0:
-            sleep(wait)
-        batch: list[Message] = []
-        for _ in range(n):
-            try:
-                batch.append(next(it))
-            except StopIteration:
-                summ.exhausted = True
+    last_report = start
+    try:
+        for offset, n in schedule(rate, count, duration):
+            wait = start + offset - clock()
+            if wait > 0:
+                sleep(wait)
+            for _ in range(n):
+                try:
+                    msg = next(it)
+                except StopIteration:
+                    summ.exhausted = True
+                    break
+                try:
+                    fut = publish(msg)
+                except Exception as e:  # noqa: BLE001 - e.g. an attribute the API refuses
+                    with lock:
+                        summ.failed += 1
+                        summ.errors.append(f"{type(e).__name__}: {e}".splitlines()[0])
+                    if msg.nack:
+                        msg.nack()
+                    continue
+                fut.add_done_callback(lambda f, m=msg: done(m, f))
+                in_flight.append((fut, msg))
+                while len(in_flight) > max_in_flight:
+                    settle(*in_flight.popleft())
+                while in_flight and in_flight[0][0].done():
+                    in_flight.popleft()
+            now = clock()
+            summ.elapsed_s = now - start
+            if on_batch and now - last_report >= report_every:
+                last_report = now
+                on_batch(summ)
+            if summ.exhausted:
                 break
-        if batch:
-            results = publish(batch)
-            for msg, error in zip(batch, results):
-                if error is None:
-                    summ.published += 1
-                    cb = msg.nack if leave_in_source else msg.ack
-                else:
-                    summ.failed += 1
-                    summ.errors.append(error)
-                    cb = msg.nack
-                if cb:
-                    cb()
-        summ.elapsed_s = clock() - start
-        if on_batch:
-            on_batch(summ)
-        if summ.exhausted:
-            break
+        while in_flight:
+            settle(*in_flight.popleft())
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()  # sources flush their pending acks
     summ.elapsed_s = max(clock() - start, summ.elapsed_s)
+    if on_batch:
+        on_batch(summ)
     return summ
 
 
@@ -232,17 +279,24 @@ def from_dir(path: Path, smap, *, loop: bool = False) -> Iterator[Message]:
     files = sorted(p for p in Path(path).glob("*.avro") if p.is_file())
     if not files:
         raise FileNotFoundError(f"no .avro files in {path}")
+    cache: dict[Path, tuple[bytes, dict]] = {}
     while True:
         for p in files:
-            data = p.read_bytes()
-            parts = p.name.split(".")
-            topic = parts[2] if len(parts) == 4 else None
-            try:
-                attrs = attributes_for(data, smap, topic)
-            except Exception as e:  # noqa: BLE001 - corrupt files are still sent: the broker dead-letters them
-                attrs = {"kafka.topic": topic or "unknown", "pgbctl.source_file": p.name,
-                         "pgbctl.decode_error": str(e)[:200]}
-            yield Message(data, attrs)
+            if p not in cache:
+                data = p.read_bytes()
+                parts = p.name.split(".")
+                topic = parts[2] if len(parts) == 4 else None
+                try:
+                    attrs = attributes_for(data, smap, topic)
+                except Exception as e:  # noqa: BLE001 - corrupt files are still sent: the broker dead-letters them
+                    attrs = {"kafka.topic": topic or "unknown", "pgbctl.source_file": p.name,
+                             "pgbctl.decode_error": str(e)[:200]}
+                if not loop:
+                    yield Message(data, attrs)
+                    continue
+                cache[p] = (data, attrs)
+            data, attrs = cache[p]
+            yield Message(data, dict(attrs))
         if not loop:
             return
 
@@ -251,38 +305,52 @@ def synthetic(smap, *, seed: int = 0, kind: str = "mixed", chunk: int = 500) -> 
     """An endless stream of deterministic synthetic alerts."""
     from pgbctl import synth
 
-    k = 0
-    while True:
-        for data in synth.generate(chunk, seed=seed + k, survey=smap.survey, kind=kind):
-            yield Message(data, attributes_for(data, smap))
-        k += 1
+    for data in synth.stream(seed, survey=smap.survey, chunk=chunk, kind=kind):
+        yield Message(data, attributes_for(data, smap))
 
 
 def from_subscription(subscriber, subscription_path: str, *, batch: int = 100,
                       idle_timeout: float = 5.0) -> Iterator[Message]:
     """Messages pulled from a subscription (a reservoir). Each is acked by the publish loop
-    only after its publish succeeded, and nacked (left in the reservoir) otherwise.
-    Stops when nothing arrives for ``idle_timeout`` seconds."""
+    only after its publish succeeded, and nacked (left in the reservoir) otherwise; acks and
+    nacks are sent in batches (before each pull and when the source is closed). Stops when
+    nothing arrives for ``idle_timeout`` seconds."""
+    lock = threading.Lock()
+    acks: list[str] = []
+    nacks: list[str] = []
+
+    def flush() -> None:
+        with lock:
+            a, acks[:] = list(acks), []
+            n, nacks[:] = list(nacks), []
+        for i in range(0, len(a), 1000):
+            subscriber.acknowledge(request={"subscription": subscription_path, "ack_ids": a[i : i + 1000]})
+        for i in range(0, len(n), 1000):
+            subscriber.modify_ack_deadline(request={"subscription": subscription_path,
+                                                    "ack_ids": n[i : i + 1000], "ack_deadline_seconds": 0})
+
     idle_since = time.monotonic()
-    while True:
-        resp = subscriber.pull(
-            request={"subscription": subscription_path, "max_messages": batch}, timeout=30
-        )
-        if not resp.received_messages:
-            if time.monotonic() - idle_since > idle_timeout:
-                return
-            time.sleep(0.2)
-            continue
-        idle_since = time.monotonic()
-        for rm in resp.received_messages:
-            ack_id = rm.ack_id
+    try:
+        while True:
+            flush()
+            resp = subscriber.pull(
+                request={"subscription": subscription_path, "max_messages": batch}, timeout=30
+            )
+            if not resp.received_messages:
+                if time.monotonic() - idle_since > idle_timeout:
+                    return
+                time.sleep(0.2)
+                continue
+            idle_since = time.monotonic()
+            for rm in resp.received_messages:
+                def ack(a=rm.ack_id):
+                    with lock:
+                        acks.append(a)
 
-            def ack(a=ack_id):
-                subscriber.acknowledge(request={"subscription": subscription_path, "ack_ids": [a]})
+                def nack(a=rm.ack_id):
+                    with lock:
+                        nacks.append(a)
 
-            def nack(a=ack_id):
-                subscriber.modify_ack_deadline(
-                    request={"subscription": subscription_path, "ack_ids": [a], "ack_deadline_seconds": 0}
-                )
-
-            yield Message(rm.message.data, dict(rm.message.attributes), ack, nack)
+                yield Message(rm.message.data, dict(rm.message.attributes), ack, nack)
+    finally:
+        flush()

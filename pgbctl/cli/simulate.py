@@ -79,16 +79,8 @@ def simulate(
     topic_path = be.topic_path(inst.topic("alerts"))
     publisher = clients.publisher
 
-    def publish(batch: list[sim.Message]) -> list[str | None]:
-        futures = [publisher.publish(topic_path, m.data, **m.attributes) for m in batch]
-        res: list[str | None] = []
-        for f in futures:
-            try:
-                f.result(timeout=60)
-                res.append(None)
-            except Exception as e:  # noqa: BLE001 - counted and reported, never dropped silently
-                res.append(f"{type(e).__name__}: {e}".splitlines()[0])
-        return res
+    def publish(m: sim.Message):
+        return publisher.publish(topic_path, m.data, **m.attributes)
 
     total = count
     with Progress(TextColumn("[bold]simulate[/bold]"), BarColumn(), MofNCompleteColumn(),

@@ -62,7 +62,20 @@ from pgbctl.local.procs import (
 
 SERVICES: tuple[str, ...] = ("pubsub", "storage", "warehouse")
 DEFAULT_PROJECT = "pgbctl-local"
-DEFAULT_PUBSUB_JAVA_OPTS = "-Xmx1g"
+def _default_pubsub_heap() -> str:
+    """A quarter of the RAM, between 1 and 8 GiB. The emulator keeps every unacknowledged
+    message of every subscription in memory (a night's counter and reservoir subscriptions
+    are never consumed locally), and with a 1 GiB heap it dies of OutOfMemoryError after
+    ~10k large alerts. -Xmx only caps the heap; nothing is reserved up front."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 4 << 30
+    gib = max(1, min(8, ram // (4 << 30)))
+    return f"-Xmx{gib}g -XX:+ExitOnOutOfMemoryError"
+
+
+DEFAULT_PUBSUB_JAVA_OPTS = _default_pubsub_heap()
 
 #: Sentinel for ``up(gcs_notify_topic=KEEP)``: leave the running notification config alone.
 KEEP: Any = type("Keep", (), {"__repr__": lambda self: "KEEP"})()
