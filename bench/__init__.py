@@ -185,6 +185,19 @@ def cli(args: list[str], *, home: Path, timeout: float = 600, check: bool = True
     return p
 
 
+def create_instance(testid: str, *, home: Path, survey: str = "ztf") -> str:
+    """``pgbctl create --testid T --yes``, retried once (a local service that died meanwhile is
+    restarted by the retry); returns a note ("" or what went wrong the first time)."""
+    args = ["--survey", survey, "create", "--testid", testid, "--yes"]
+    try:
+        cli(args, home=home, timeout=300)
+        return ""
+    except RuntimeError as e:
+        log(f"{e}; retrying once")
+        cli(args, home=home, timeout=300)
+        return f"create retried after: {str(e)[:160]}"
+
+
 def cli_json(args: list[str], *, home: Path, timeout: float = 600) -> Any:
     """``pgbctl --json ARGS`` → the parsed JSON it printed on stdout."""
     p = cli(["--json", *args], home=home, timeout=timeout)

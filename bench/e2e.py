@@ -37,26 +37,54 @@ import threading
 import time
 from pathlib import Path
 
-from bench import cli, local_home, log, percentile, pgbctl_exe, row, skipped
+from bench import create_instance, cli, local_home, log, percentile, pgbctl_exe, row, skipped
 
 TESTID = "bench"
 SURVEY = "ztf"
 PACED_RATE = 300.0
 
 
+def _help(*cmd: str) -> str | None:
+    """``pgbctl CMD --help`` text, None if the command does not exist."""
+    p = subprocess.run([*pgbctl_exe(), *cmd, "--help"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, COLUMNS="200"))
+    return p.stdout if p.returncode == 0 else None
+
+
 def night_available() -> bool:
-    p = subprocess.run([*pgbctl_exe(), "night", "start", "--help"], capture_output=True, text=True, timeout=60)
-    return p.returncode == 0
+    return _help("night", "start") is not None and _help("night", "end") is not None
 
 
 # ---- the components -------------------------------------------------------------------------------
 
 
-def _night(cmd: str, home: Path) -> None:
+def _night_args(cmd: str, drain: bool = True) -> list[str]:
+    """Options beyond the contract (``--survey/--testid``), passed when the command has them:
+    only the archive function and bq-sink (value-added has its own benchmark, and its fits
+    would compete for the cores), and a bounded drain at the end."""
+    text = _help("night", cmd) or ""
+    extra: list[str] = []
+    if cmd == "start" and "--jobs" in text:
+        extra += ["--jobs", "bq-sink"]
+    if cmd == "end" and not drain and "--no-drain" in text:
+        extra += ["--no-drain"]
+    elif cmd == "end" and "--timeout" in text:
+        extra += ["--timeout", "120"]
+    return extra
+
+
+def _night(cmd: str, home: Path, drain: bool = True) -> tuple[str, float]:
+    """``pgbctl night start|end``; returns (the command line run, seconds it took)."""
+    t0 = time.monotonic()
     if os.environ.get("BENCH_E2E_DIRECT"):
-        return _direct(cmd, home)
-    log(f"e2e: pgbctl night {cmd}")
-    cli(["--yes", "night", cmd, "--survey", SURVEY, "--testid", TESTID], home=home, timeout=300)
+        _direct(cmd, home)
+        return f"BENCH_E2E_DIRECT {cmd}", time.monotonic() - t0
+    args = ["night", cmd, "--survey", SURVEY, "--testid", TESTID, *_night_args(cmd, drain)]
+    log(f"e2e: pgbctl {' '.join(args)}")
+    cli(["--yes", *args], home=home, timeout=600)
+    dt_ = time.monotonic() - t0
+    log(f"e2e: night {cmd} took {dt_:.1f}s")
+    return "pgbctl " + " ".join(args), dt_
 
 
 def _direct(cmd: str, home: Path) -> None:
@@ -80,6 +108,16 @@ def _direct(cmd: str, home: Path) -> None:
     services.start_process(names[1], [sys.executable, "-m", "pgbctl.localrun", "bq-sink", "--survey", SURVEY,
                                       "--testid", TESTID, "--project", ep.project, "--home", str(home)],
                            env, home=home)
+
+
+def _proc_logs(home: Path, lines: int = 3) -> str:
+    """The last lines of the night's process logs (they go away with the temporary home)."""
+    out = []
+    for p in sorted((home / "procs").glob("*.log")):
+        tail = [x for x in p.read_text(errors="replace").splitlines() if x.strip()][-lines:]
+        log(f"e2e: {p.name}:\n  " + "\n  ".join(tail))
+        out.append(f"{p.stem}: {' | '.join(tail)[-300:]}")
+    return ("; logs: " + "; ".join(out)) if out else ""
 
 
 # ---- observing the sinks ---------------------------------------------------------------------------
@@ -157,14 +195,29 @@ class Watcher:
         """Restrict the table poll to this phase's source ids."""
         self.window = (min(sids), max(sids))
 
-    def wait_for(self, sids: list[int], timeout: float) -> bool:
+    def wait_for(self, sids: list[int], timeout: float, home: Path | None = None) -> bool:
+        """Until every one of ``sids`` is archived and in the table (True), ``timeout`` runs
+        out or (with ``home``) a process of the night has exited (False)."""
         deadline = time.monotonic() + timeout
         want = set(sids)
+        checked = time.monotonic()
         while time.monotonic() < deadline:
             if want <= self.archived.keys() and want <= self.in_table.keys():
                 return True
+            if home is not None and time.monotonic() - checked > 2:
+                checked = time.monotonic()
+                if _exited(home):
+                    return False
             time.sleep(0.2)
         return False
+
+
+def _exited(home: Path) -> list[str]:
+    """Names of the night's processes that are no longer running."""
+    from pgbctl.local import services
+
+    return [n for n, p in services.list_processes(home).items()
+            if not p.running and p.argv and not n.endswith(".supervise")]
 
 
 # ---- publishing -----------------------------------------------------------------------------------
@@ -251,21 +304,26 @@ def run(quick: bool) -> list[dict]:
         inst = naming.Instance(SURVEY, TESTID, ep.project)
         topic = clients.topic_path(inst.topic("alerts"))
         watcher = None
+        measured = False
         try:
             log("e2e: pgbctl create --testid bench")
-            cli(["create", "--testid", TESTID, "--yes"], home=home, timeout=300)
-            _night("start", home)
+            create_note = create_instance(TESTID, home=home)
+            night_cmd, start_s = _night("start", home)
             try:
                 watcher = Watcher(clients, inst, smap).start()
                 t0 = time.monotonic()
                 watcher.watch([a[0] for a in warm])
                 _publish(clients, topic, warm, None)
-                ok = watcher.wait_for([a[0] for a in warm], timeout=180)
-                log(f"e2e: warm-up {'done' if ok else 'NOT done'} in {time.monotonic() - t0:.1f}s")
+                limit = 120 if quick else 180
+                ok = watcher.wait_for([a[0] for a in warm], timeout=limit, home=home)
+                warm_s = time.monotonic() - t0
+                log(f"e2e: warm-up {'done' if ok else 'NOT done'} in {warm_s:.1f}s")
                 if not ok:
-                    why = "; ".join(watcher.errors[:2]) or "the warm-up alerts did not land within 180 s"
-                    raise RuntimeError(f"night is not processing alerts: {why} "
-                                       f"(archived {len(watcher.archived)}, in table {len(watcher.in_table)} of {n_warm})")
+                    dead = _exited(home)
+                    why = (f"process(es) exited: {', '.join(dead)}" if dead else
+                           "; ".join(watcher.errors[:2]) or f"the warm-up alerts did not land within {limit} s")
+                    raise RuntimeError(f"night is not processing alerts: {why} (archived {len(watcher.archived)}, "
+                                       f"in table {len(watcher.in_table)} of {n_warm}){_proc_logs(home)}")
 
                 log(f"e2e: paced phase, {n_paced} alerts at {PACED_RATE:g}/s")
                 watcher.watch([a[0] for a in paced])
@@ -282,14 +340,29 @@ def run(quick: bool) -> list[dict]:
                 publish_s = time.monotonic() - t1
                 done = watcher.wait_for(list(sent), timeout=60 + n_burst / 20)
                 log(f"e2e: burst landed {'fully' if done else 'PARTLY'} in {time.monotonic() - t1:.1f}s")
+                measured = True
                 out = _throughput_rows("burst", sent, watcher, publish_s) + out
                 out += _latency_rows("burst", sent, watcher, f"published in a burst ({publish_s:.1f}s)")
                 if watcher.errors:
                     out[0]["note"] += f"; poll errors: {'; '.join(watcher.errors[:2])}"
+                out[0]["note"] += f"; night: {night_cmd}"
+                out.append(row("e2e.night_start", start_s, "s", None,
+                               f"`{night_cmd}` until it returned; then {warm_s:.1f}s until {n_warm} "
+                               f"warm-up alerts were archived and in the table"))
+                if create_note:
+                    out[0]["note"] += f"; {create_note}"
             finally:
                 if watcher:
                     watcher.stop()
-                _night("end", home)
+                try:
+                    end_cmd, end_s = _night("end", home, drain=measured)
+                    if measured:
+                        out.append(row("e2e.night_end", end_s, "s", None,
+                                       f"`{end_cmd}` (drain and stop) after every alert had landed"))
+                except Exception as e:  # noqa: BLE001 - reported, but must not hide what happened before
+                    log(f"e2e: night end failed: {e}")
+                    if out:
+                        out[0]["note"] += f"; night end failed: {str(e)[:200]}"
         finally:
             try:
                 log("e2e: pgbctl delete --testid bench")

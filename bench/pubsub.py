@@ -31,7 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench import alert_packets, cli, cycle, local_home, log, pgbctl_exe, row
+from bench import create_instance, alert_packets, cli, cycle, local_home, log, pgbctl_exe, row
 
 TESTID = "bench"
 
@@ -137,7 +137,7 @@ def _simulate(home: Path, clients, duration: float) -> list[dict]:
     from pgbctl import naming, synth
 
     log("pubsub: pgbctl create --testid bench")
-    cli(["create", "--testid", TESTID, "--yes"], home=home)
+    create_note = create_instance(TESTID, home=home)
     out = []
     try:
         inst = naming.Instance("ztf", TESTID, clients.project)
@@ -157,6 +157,8 @@ def _simulate(home: Path, clients, duration: float) -> list[dict]:
             ("simulate.rate_1000_batched", 1000.0, ["--from-dir", str(files), "--loop", "--batch-every", "0.1s"]),
         ):
             out.append(_simulate_once(home, clients, topic, name, rate, duration, args))
+        if create_note and out:
+            out[0]["note"] += f"; {create_note}"
     finally:
         log("pubsub: pgbctl delete --testid bench")
         cli(["delete", "--testid", TESTID, "--yes"], home=home, check=False)
