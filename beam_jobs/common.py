@@ -26,8 +26,9 @@ publishes a JSON record ``{stage, reason, message_id, object, attributes}`` to t
   object ``<stage>/<table>/<sourceId>.json`` holding the row as JSON, same metadata plus
   ``table``.
 
-Objects are written with ``if_generation_match=0``: a redelivered dead letter finds its
-object and is not published a second time.
+Objects are written with ``if_generation_match=0`` and marked ``announced=true`` once their
+record is on the topic: a redelivered dead letter finds its object and is published again
+only if the first attempt died before announcing it (:func:`pgbctl.archive.store_dead_letter`).
 """
 
 from __future__ import annotations
@@ -372,38 +373,33 @@ class WriteDeadLetters(beam.DoFn):
         yield dl["reason"]
 
     def write(self, dls: list[dict]) -> list[str]:
-        """Store and publish ``dls``; returns the object names (``bucket/name``)."""
-        from google.api_core import exceptions as gexc
+        """Store and publish ``dls``; returns the object names (``bucket/name``).
+        (See :func:`pgbctl.archive.store_dead_letter`: exactly once in the bucket, at least
+        once on the topic, nothing lost if the process dies in between.)"""
+        from pgbctl.archive import dead_letter_record, finish_dead_letters, store_dead_letter
 
-        from pgbctl.archive import dead_letter_record
-
-        futures, names = [], []
+        pending, names = [], []
         for dl in dls:
             name = dead_letter_object_name(dl)
             attrs = dl.get("attributes") or {}
-            blob = self._bucket.blob(name)
             meta = {"reason": dl["reason"][:1000], "stage": dl["stage"],
                     "pubsub.message_id": dl.get("message_id") or "",
                     **{f"attr.{k}": str(v)[:200] for k, v in attrs.items()}}
             if dl.get("table"):
                 meta["table"] = dl["table"]
-            blob.metadata = meta
             if dl.get("data") is not None:
                 payload, ctype = dl["data"], "application/octet-stream"
             else:
                 payload, ctype = json.dumps(dl.get("row"), default=str).encode(), "application/json"
             full = f"{self._bucket.name}/{name}"
             names.append(full)
-            try:
-                blob.upload_from_string(payload, content_type=ctype, if_generation_match=0)
-            except gexc.PreconditionFailed:
-                continue  # redelivery of a dead letter: already kept and announced
             rec = dead_letter_record(dl["stage"], dl["reason"], attrs, dl.get("message_id") or "", full)
-            futures.append(self._clients.publisher.publish(
-                self._topic, json.dumps(rec, default=str).encode(), stage=dl["stage"], reason=dl["reason"][:500]))
-            log.warning("dead letter %s: %s", full, dl["reason"])
-        for f in futures:
-            f.result(timeout=60)
+            p = store_dead_letter(self._bucket, name, payload, ctype, meta, publisher=self._clients.publisher,
+                                  topic=self._topic, record=rec)
+            if p is not None:
+                pending.append(p)
+                log.warning("dead letter %s: %s", full, dl["reason"])
+        finish_dead_letters(pending)
         self.count.inc(len(dls))
         return names
 

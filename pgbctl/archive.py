@@ -59,8 +59,7 @@ def prepare(data: bytes, attributes: dict[str, str], smap: SchemaMap, message_id
     Raises :class:`codec.AlertDecodeError` (one line) for anything that must be dead-lettered:
     not Avro, not one record, no object/source id.
     """
-    fixed = codec.fix_schema_header(data, smap)
-    rec, schema = codec.decode_with_schema(fixed)
+    fixed, rec, schema = codec.fix_and_decode(data, smap)
     object_id, source_id = codec.alert_ids(rec, smap)
     if object_id in (None, "") or source_id is None:
         raise codec.AlertDecodeError(
@@ -114,8 +113,12 @@ def handle(
 
     try:
         p = prepare(data, attributes, smap, message_id)
-    except codec.AlertDecodeError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - prepare is pure: whatever it raises is about the input
+        if isinstance(e, codec.AlertDecodeError):
+            reason = str(e) or type(e).__name__
+        else:
+            reason = f"cannot archive the packet: {type(e).__name__}: {e}"
+        reason = " ".join(reason.split())[:1000]
         return _dead_letter("upload_bytes_to_bucket", reason, data, attributes, message_id,
                             storage=storage, bucket=dead_letter_bucket,
                             publisher=publisher, topic=dead_letter_topic)
@@ -129,18 +132,55 @@ def handle(
 
 
 def _dead_letter(stage, reason, data, attributes, message_id, *, storage, bucket, publisher, topic) -> Outcome:
-    from google.api_core import exceptions as gexc
-
     name = dead_letter_name(stage, data, message_id)
-    blob = storage.bucket(bucket).blob(name)
-    blob.metadata = {"reason": reason[:1000], "stage": stage, "pubsub.message_id": message_id,
-                     **{f"attr.{k}": str(v)[:200] for k, v in attributes.items()}}
-    try:
-        blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
-    except gexc.PreconditionFailed:
-        return Outcome("dead_letter", name, reason)  # redelivery of a dead letter: already kept
-    if publisher is not None and topic:
-        rec = dead_letter_record(stage, reason, attributes, message_id, f"{bucket}/{name}")
-        publisher.publish(topic, json.dumps(rec).encode(), stage=stage, reason=reason[:500]).result(timeout=60)
+    meta = {"reason": reason[:1000], "stage": stage, "pubsub.message_id": message_id,
+            **{f"attr.{k}": str(v)[:200] for k, v in attributes.items()}}
+    rec = dead_letter_record(stage, reason, attributes, message_id, f"{bucket}/{name}")
+    pending = store_dead_letter(storage.bucket(bucket), name, data, "application/octet-stream", meta,
+                                publisher=publisher, topic=topic, record=rec)
+    finish_dead_letters([pending] if pending else [])
     log.warning("dead letter %s: %s", name, reason)
     return Outcome("dead_letter", name, reason)
+
+
+#: metadata key set on a dead-letter object once its record was published on the topic
+ANNOUNCED = "announced"
+
+
+def store_dead_letter(bucket, name: str, payload: bytes, content_type: str, metadata: dict[str, str], *,
+                      publisher=None, topic: str | None = None, record: dict | None = None):
+    """Store one dead letter and start announcing it; returns what
+    :func:`finish_dead_letters` must complete, or None when there is nothing left to do.
+
+    Idempotent and loss-free across redeliveries: the object is written with
+    ``if_generation_match=0`` and marked ``announced=true`` only after its record was
+    published, so a redelivery finds an existing object and publishes again only if the
+    first attempt died between the upload and the publish (at-least-once on the topic,
+    exactly once in the bucket).
+    """
+    from google.api_core import exceptions as gexc
+
+    blob = bucket.blob(name)
+    blob.metadata = {**metadata, ANNOUNCED: "false" if (publisher is not None and topic) else "true"}
+    try:
+        blob.upload_from_string(payload, content_type=content_type, if_generation_match=0)
+    except gexc.PreconditionFailed:
+        blob = bucket.get_blob(name)
+        if blob is None or (blob.metadata or {}).get(ANNOUNCED) != "false":
+            return None  # a redelivery of a dead letter already kept and announced
+    if publisher is None or not topic:
+        return None
+    rec = record or {}
+    future = publisher.publish(topic, json.dumps(rec, default=str).encode(), stage=str(rec.get("stage", "")),
+                               reason=str(rec.get("reason", ""))[:500])
+    return blob, future
+
+
+def finish_dead_letters(pending: list, timeout: float = 60) -> None:
+    """Wait for the publishes started by :func:`store_dead_letter` and mark the objects
+    announced. Raises if a publish failed (the message is then redelivered and retried)."""
+    for blob, future in pending:
+        future.result(timeout=timeout)
+    for blob, _ in pending:
+        blob.metadata = {**(blob.metadata or {}), ANNOUNCED: "true"}
+        blob.patch()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import importlib.util
 import logging
 import os
@@ -17,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +104,68 @@ def load_handler(function: str, entry: str = "run"):
     return getattr(load_module(function), entry)
 
 
-def serve(function: str, subscription_path: str, *, workers: int = 8, batch: int = 200,
-          stop: threading.Event | None = None) -> None:
-    """Pull → handler → ack, until SIGTERM/SIGINT (finishing what was pulled) or ``stop``."""
+class _Flow:
+    """Counters and ack bookkeeping of :func:`serve` (shared by the worker threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.acks: list[str] = []
+        self.nacks: list[str] = []
+        self.in_flight = 0
+        self.received = 0
+        self.acked = 0
+        self.failed = 0
+        self.outcomes: dict[str, int] = {}
+        self.last_activity = time.time()
+        self.first = self.last = None  # monotonic times of the first pull / last finished message
+
+    def done(self, ack_id: str, outcome: str | None) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            self.last_activity = time.time()
+            self.last = time.monotonic()
+            if outcome is None:
+                self.nacks.append(ack_id)
+                self.failed += 1
+            else:
+                self.acks.append(ack_id)
+                self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def take(self) -> tuple[list[str], list[str]]:
+        with self.lock:
+            a, n = self.acks, self.nacks
+            self.acks, self.nacks = [], []
+            return a, n
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            busy = (self.last - self.first) if (self.first is not None and self.last is not None) else 0.0
+            return {
+                "in_flight": self.in_flight + len(self.acks) + len(self.nacks),
+                "last_activity": self.last_activity,
+                "counts": {"in": self.received, "acked": self.acked, "failed": self.failed, **self.outcomes,
+                           "busy_seconds": round(busy, 2),
+                           "per_s": round(self.acked / busy, 1) if busy > 0 else None},
+            }
+
+
+def serve(function: str, subscription_path: str, *, workers: int = 8, batch: int = 100,
+          max_outstanding: int | None = None, stop: threading.Event | None = None,
+          status_file: str | None = None) -> dict:
+    """Pull → handler → ack, until SIGTERM/SIGINT or ``stop``; returns the final counts.
+
+    Messages flow continuously: up to ``max_outstanding`` (default ``25 * workers``) are
+    handled at once by ``workers`` threads, each acknowledged as soon as its handler returned
+    (the handler's return value, e.g. ``stored``/``exists``/``dead_letter``, is counted) and
+    handed back for redelivery (ack deadline 0) when it raised. On stop, nothing new is
+    pulled and what is in hand is finished and acknowledged before returning.
+    ``status_file`` (default ``$PGBCTL_STATUS_FILE``): see :mod:`pgbctl.procstatus`.
+    """
+    
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pgbctl import procstatus
+
     handler = load_handler(function)
     env = FunctionEnv.from_environ()
     sub = env.clients.subscriber
@@ -116,40 +175,77 @@ def serve(function: str, subscription_path: str, *, workers: int = 8, batch: int
             signal.signal(sig, lambda *_: stop.set())
         except ValueError:  # not the main thread (tests)
             pass
-    handled = failed = 0
-    log.info("serving %s from %s", function, subscription_path)
-    with ThreadPoolExecutor(workers) as pool:
-        while not stop.is_set():
+    limit = max_outstanding or 25 * workers
+    flow = _Flow()
+    status = procstatus.StatusWriter(function, flow.snapshot, status_file).start()
+
+    def call(rm) -> None:
+        outcome = None
+        try:
+            res = handler(cloud_event(rm, subscription_path))
+            outcome = res if isinstance(res, str) and res else "ok"
+        except Exception:  # noqa: BLE001 - the message is redelivered
+            log.exception("handler failed on message %s; it will be redelivered", rm.message.message_id)
+        flow.done(rm.ack_id, outcome)
+
+    def flush() -> None:
+        acks, nacks = flow.take()
+        for i in range(0, len(acks), 500):
             try:
-                resp = sub.pull(request={"subscription": subscription_path, "max_messages": batch}, timeout=10)
-            except Exception as e:  # noqa: BLE001 - emulator restarting, deadline: retry
+                sub.acknowledge(request={"subscription": subscription_path, "ack_ids": acks[i : i + 500]})
+                with flow.lock:
+                    flow.acked += len(acks[i : i + 500])
+            except Exception as e:  # noqa: BLE001 - handled again after the ack deadline (idempotent)
+                log.warning("acknowledge failed (%s); %d messages will be redelivered", e, len(acks[i : i + 500]))
+        for i in range(0, len(nacks), 500):
+            try:
+                sub.modify_ack_deadline(request={"subscription": subscription_path, "ack_ids": nacks[i : i + 500],
+                                                 "ack_deadline_seconds": 0})
+            except Exception as e:  # noqa: BLE001 - they come back after the ack deadline anyway
+                log.warning("nack failed (%s)", e)
+
+    log.info("serving %s from %s (%d workers)", function, subscription_path, workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=function)
+    last_log = time.monotonic()
+    try:
+        while not stop.is_set():
+            flush()
+            if time.monotonic() - last_log > 10:
+                log.info("%s: %s", function, flow.snapshot()["counts"])
+                last_log = time.monotonic()
+            room = limit - flow.in_flight
+            if room <= 0:
+                stop.wait(0.005)
+                continue
+            try:
+                # return_immediately: the emulator holds an empty pull ~30 s, and a pull
+                # abandoned on a client deadline may still lease messages (invisible for a
+                # whole ack deadline)
+                resp = sub.pull(request={"subscription": subscription_path, "max_messages": min(batch, room),
+                                         "return_immediately": True}, timeout=30)
+            except Exception as e:  # noqa: BLE001 - emulator restarting: retry
                 log.warning("pull failed: %s", e)
-                time.sleep(1)
+                stop.wait(1)
                 continue
             msgs = list(resp.received_messages)
             if not msgs:
-                time.sleep(0.05)
+                stop.wait(0.05)
                 continue
-
-            def call(rm):
-                try:
-                    handler(cloud_event(rm, subscription_path))
-                    return rm.ack_id, None
-                except Exception as e:  # noqa: BLE001
-                    log.exception("handler failed on message %s", rm.message.message_id)
-                    return rm.ack_id, e
-
-            results = list(pool.map(call, msgs))
-            ok = [a for a, e in results if e is None]
-            bad = [a for a, e in results if e is not None]
-            if ok:
-                sub.acknowledge(request={"subscription": subscription_path, "ack_ids": ok})
-            if bad:
-                sub.modify_ack_deadline(request={"subscription": subscription_path, "ack_ids": bad,
-                                                 "ack_deadline_seconds": 0})
-            handled += len(ok)
-            failed += len(bad)
-    log.info("stopped %s: %d handled, %d failed (redelivered)", function, handled, failed)
+            with flow.lock:
+                flow.in_flight += len(msgs)
+                flow.received += len(msgs)
+                flow.last_activity = time.time()
+                if flow.first is None:
+                    flow.first = time.monotonic()
+            for rm in msgs:
+                pool.submit(call, rm)
+    finally:
+        pool.shutdown(wait=True)  # finish what is in hand
+        flush()
+        status.stop()
+    counts = flow.snapshot()["counts"]
+    log.info("stopped %s: %s", function, counts)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("function")
     ap.add_argument("--subscription", required=True, help="full subscription path")
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--status-file", default=None, help="see pgbctl.procstatus (default $PGBCTL_STATUS_FILE)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    serve(a.function, a.subscription, workers=a.workers)
+    for noisy in ("google", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    counts = serve(a.function, a.subscription, workers=a.workers, status_file=a.status_file)
+    # the final summary, one JSON line on stdout (as pgbctl.localrun prints)
+    print(json.dumps({"function": a.function, "subscription": a.subscription, **counts}), flush=True)
     return 0
 
 

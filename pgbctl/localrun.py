@@ -66,6 +66,29 @@ def run_dofn(fn, elements, main: str = "main") -> dict[str, list]:
     return out
 
 
+def pull_batch(subscriber, subscription: str, batch: int, stop: threading.Event | None = None,
+               max_wait: float = 0.5, poll: float = 0.05) -> list:
+    """Up to ``batch`` ReceivedMessages from ``subscription`` (local emulator), pulling with
+    ``return_immediately``: returns once a pull comes back empty after something was
+    received, when ``batch`` is reached, or with ``[]`` after ``max_wait`` seconds."""
+    got: list = []
+    deadline = time.monotonic() + max_wait
+    while len(got) < batch and not (stop is not None and stop.is_set()):
+        resp = subscriber.pull(request={"subscription": subscription, "max_messages": min(1000, batch - len(got)),
+                                        "return_immediately": True}, timeout=30)
+        got.extend(resp.received_messages)
+        if got and (not resp.received_messages or time.monotonic() >= deadline):
+            break
+        if not resp.received_messages:
+            if time.monotonic() >= deadline:
+                break
+            if stop is not None:
+                stop.wait(poll)
+            else:
+                time.sleep(poll)
+    return got
+
+
 _ARROW_TYPES = {"INTEGER": "int64", "INT64": "int64", "FLOAT": "float64", "FLOAT64": "float64",
                 "STRING": "string", "BOOLEAN": "bool_", "BOOL": "bool_", "BYTES": "string"}
 
@@ -176,6 +199,9 @@ class BqSinkExecutor:
         for fn in (self.decode, self.make_rows, self.dead_letters):
             fn.setup()
         self.counts = Counts(rows={t: 0 for t in self.tables})
+        self._flow_lock = threading.Lock()
+        self._in_flight = 0  # pulled, not yet acked or handed back
+        self._last_activity = time.time()
 
     def live_schemas(self, templates: dict[str, list[dict]]) -> dict[str, list[dict]]:
         """The tables' schemas as the warehouse has them (rows are validated against what
@@ -195,17 +221,13 @@ class BqSinkExecutor:
     # ---- pull + DoFns (producer thread) -------------------------------------------------------
 
     def pull(self, stop: threading.Event) -> list:
-        """Up to ``batch`` received messages; returns early when the subscription runs dry."""
-        got: list = []
-        deadline = time.monotonic() + self.max_wait
-        while len(got) < self.batch and not stop.is_set():
-            resp = self.clients.subscriber.pull(
-                request={"subscription": self.subscription, "max_messages": min(1000, self.batch - len(got))},
-                timeout=30)
-            got.extend(resp.received_messages)
-            if not resp.received_messages or time.monotonic() > deadline:
-                break
-        return got
+        """Up to ``batch`` received messages; returns as soon as the subscription runs dry
+        after something was received, or with nothing after ``max_wait`` seconds.
+
+        Every pull uses ``return_immediately``: the emulator otherwise holds an empty pull for
+        ~30 s, and a pull abandoned on a client deadline can still lease messages that then
+        stay invisible for a whole ack deadline."""
+        return pull_batch(self.clients.subscriber, self.subscription, self.batch, stop, self.max_wait)
 
     def prepare(self, received: list) -> Prepared:
         from apache_beam.io.gcp.pubsub import PubsubMessage
@@ -372,34 +394,77 @@ class BqSinkExecutor:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    def status(self) -> dict:
+        """For the status file (:mod:`pgbctl.procstatus`)."""
+        with self._flow_lock:
+            in_flight, last = self._in_flight, self._last_activity
+        return {"in_flight": in_flight, "last_activity": last, "counts": self.counts.as_dict()}
+
+    def _pulled(self, n: int) -> None:
+        with self._flow_lock:
+            self._in_flight += n
+            self._last_activity = time.time()
+
+    def _settled(self, n: int) -> None:
+        with self._flow_lock:
+            self._in_flight -= n
+            self._last_activity = time.time()
+
     def run(self, stop: threading.Event, *, exit_when_idle: float | None = None, log_every: float = 10.0,
-            max_messages: int | None = None) -> dict:
-        q: queue.Queue = queue.Queue(maxsize=1)
-        producer_stop = threading.Event()
+            max_messages: int | None = None, status_file: str | None = None) -> dict:
+        """Pull, prepare and write in three threads (pull -> DoFns -> warehouse + ack), one
+        batch in each stage at most, until ``stop`` (or idle / ``max_messages``). Returns
+        the final counts. Batches not written when stopping are handed back (nacked)."""
+        from pgbctl import procstatus
+
+        pulled: queue.Queue = queue.Queue(maxsize=1)
+        prepared: queue.Queue = queue.Queue(maxsize=1)
+        stages_stop = threading.Event()
         errors: list[BaseException] = []
 
-        def produce():
+        def hand_over(q: queue.Queue, item, ack_ids: list[str]) -> bool:
+            while True:  # keep an eye on the stop flag
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    if stages_stop.is_set():
+                        self.nack(ack_ids)
+                        self._settled(len(ack_ids))
+                        return False
+
+        def puller():
             try:
-                while not producer_stop.is_set():
-                    received = self.pull(producer_stop)
-                    if received and self.counts.first_message is None:
+                while not stages_stop.is_set():
+                    received = self.pull(stages_stop)
+                    if not received:
+                        continue
+                    if self.counts.first_message is None:
                         self.counts.first_message = time.monotonic()
-                    prep = self.prepare(received) if received else None
-                    while True:  # hand over, but keep an eye on the stop flag
-                        try:
-                            q.put(prep, timeout=0.2)
-                            break
-                        except queue.Full:
-                            if producer_stop.is_set():
-                                if prep:
-                                    self.nack(prep.ack_ids)
-                                return
+                    self._pulled(len(received))
+                    if not hand_over(pulled, received, [rm.ack_id for rm in received]):
+                        return
             except BaseException as e:  # noqa: BLE001 - reported by the main loop
                 errors.append(e)
-                q.put(None)
 
-        t = threading.Thread(target=produce, name="bq-sink-pull", daemon=True)
-        t.start()
+        def preparer():
+            try:
+                while not stages_stop.is_set():
+                    try:
+                        received = pulled.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    prep = self.prepare(received)
+                    if not hand_over(prepared, prep, prep.ack_ids):
+                        return
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=puller, name="bq-sink-pull", daemon=True),
+                   threading.Thread(target=preparer, name="bq-sink-prepare", daemon=True)]
+        for t in threads:
+            t.start()
+        status = procstatus.StatusWriter("bq-sink", self.status, status_file).start()
         last_log = time.monotonic()
         last_data = time.monotonic()
         backoff = 1.0
@@ -408,7 +473,7 @@ class BqSinkExecutor:
                 if errors:
                     raise errors[0]
                 try:
-                    prep = q.get(timeout=0.5)
+                    prep = prepared.get(timeout=0.2)
                 except queue.Empty:
                     prep = None
                 now = time.monotonic()
@@ -423,8 +488,9 @@ class BqSinkExecutor:
                         self.nack(prep.ack_ids)
                         stop.wait(backoff)
                         backoff = min(backoff * 2, 30.0)
+                    self._settled(len(prep.ack_ids))
                     last_data = time.monotonic()
-                elif exit_when_idle is not None and now - last_data > exit_when_idle:
+                elif exit_when_idle is not None and now - last_data > exit_when_idle and self._in_flight == 0:
                     log.info("bq-sink: idle for %.0f s, stopping", exit_when_idle)
                     break
                 if max_messages is not None and self.counts.messages >= max_messages:
@@ -433,23 +499,21 @@ class BqSinkExecutor:
                     print(f"bq-sink: {self.counts.line()}", file=sys.stderr, flush=True)
                     last_log = now
         finally:
-            producer_stop.set()
-            # a batch pulled but not written goes back to the subscription
-            try:
-                while True:
-                    prep = q.get_nowait()
-                    if prep:
-                        self.nack(prep.ack_ids)
-            except queue.Empty:
-                pass
-            t.join(timeout=35)
-            try:
-                prep = q.get_nowait()
-                if prep:
-                    self.nack(prep.ack_ids)
-            except queue.Empty:
-                pass
+            stages_stop.set()
+            for t in threads:
+                t.join(timeout=35)
+            # batches pulled or prepared but not written go back to the subscription
+            for q in (pulled, prepared):
+                try:
+                    while True:
+                        item = q.get_nowait()
+                        ids = item.ack_ids if isinstance(item, Prepared) else [rm.ack_id for rm in item]
+                        self.nack(ids)
+                        self._settled(len(ids))
+                except queue.Empty:
+                    pass
             self.dead_letters.teardown()
+            status.stop()
         return self.counts.as_dict()
 
 
@@ -545,11 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-messages", type=int, default=None, help="fast mode: stop after this many messages")
     p.add_argument("--dedup-minutes", type=float, default=10.0, help="direct mode: dedup window")
     p.add_argument("--home", default=None, help="local state dir (default $PGBCTL_HOME)")
+    p.add_argument("--status-file", default=None, help="fast mode: see pgbctl.procstatus (default $PGBCTL_STATUS_FILE)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pgbctl.paths import REPO_ROOT
+
+    if str(REPO_ROOT) not in sys.path:  # beam_jobs is not an installed package
+        sys.path.insert(0, str(REPO_ROOT))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("apache_beam", "google", "urllib3"):
@@ -580,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                 ex = BqSinkExecutor(inst, clients, batch=args.batch, method=args.write_method)
                 summary["write_method"] = args.write_method
                 summary.update(ex.run(stop, exit_when_idle=args.exit_when_idle, log_every=args.log_every,
-                                      max_messages=args.max_messages))
+                                      max_messages=args.max_messages, status_file=args.status_file))
         else:
             summary.update(run_direct(inst, stop, home=args.home, exit_when_idle=args.exit_when_idle,
                                       log_every=args.log_every, dedup_minutes=args.dedup_minutes))

@@ -58,9 +58,10 @@ app.command()(instance.delete)
 app.command()(instance.status)
 
 
-from pgbctl.cli import local_cmd, query, simulate  # noqa: E402
+from pgbctl.cli import local_cmd, night, query, simulate  # noqa: E402
 
 app.add_typer(local_cmd.app, name="local")
+app.add_typer(night.app, name="night")
 for _cmd in (*simulate.COMMANDS, *query.COMMANDS):
     app.command()(_cmd)
 

@@ -73,14 +73,18 @@ def test_clean():
 
 
 class _Blob:
-    def __init__(self, store, name):
-        self.store, self.name, self.metadata = store, name, None
+    def __init__(self, store, name, metadata=None):
+        self.store, self.name, self.metadata = store, name, metadata
 
     def upload_from_string(self, data, content_type=None, if_generation_match=None):
         from google.api_core import exceptions as gexc
 
         if if_generation_match == 0 and self.name in self.store:
             raise gexc.PreconditionFailed("exists")
+        self.store[self.name] = (data, dict(self.metadata or {}))
+
+    def patch(self):
+        data, _ = self.store[self.name]
         self.store[self.name] = (data, dict(self.metadata or {}))
 
 
@@ -96,6 +100,10 @@ class _Storage:
         class B:
             def blob(self, path):
                 return _Blob(s.objects, f"{name}/{path}")
+
+            def get_blob(self, path):
+                key = f"{name}/{path}"
+                return _Blob(s.objects, key, dict(s.objects[key][1])) if key in s.objects else None
 
         return B()
 
@@ -140,3 +148,44 @@ def test_handler_over_fake_cloudevent(monkeypatch, synthetic_ztf, ztf_map):
     (topic, rec, attrs), = published
     assert topic.endswith("/topics/ztf-dead_letter-t1") and rec["stage"] == "upload_bytes_to_bucket"
     assert "magic" in rec["reason"] or "Avro" in rec["reason"]
+    (dl_key,) = [k for k in storage.objects if "dead_letter" in k]
+    assert storage.objects[dl_key][1]["announced"] == "true" and storage.objects[dl_key][1]["reason"] == rec["reason"]
+    # a redelivered dead letter is neither stored nor announced twice
+    assert handler(event(b"not avro", "2")) == "dead_letter" and len(published) == 1
+
+
+def test_dead_letter_announced_after_a_crash_between_store_and_publish(synthetic_ztf, ztf_map):
+    """A dead letter stored but never announced (the process died before publishing) is
+    announced on redelivery; one already announced is not published again."""
+    storage = _Storage()
+    published = []
+
+    class Pub:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def publish(self, topic, data, **attrs):
+            if self.fail:
+                raise RuntimeError("publisher down")
+            published.append(json.loads(data))
+            return type("F", (), {"result": lambda self, timeout=None: "id"})()
+
+    kw = dict(smap=ztf_map, storage=storage, bucket="b", dead_letter_bucket="dl", dead_letter_topic="t")
+    with pytest.raises(RuntimeError):
+        archive.handle(b"junk", {}, "m9", publisher=Pub(fail=True), **kw)
+    assert len(storage.objects) == 1 and not published  # kept, not announced: the message is redelivered
+    assert archive.handle(b"junk", {}, "m9", publisher=Pub(), **kw).status == "dead_letter"
+    assert len(published) == 1 and published[0]["message_id"] == "m9"
+    assert archive.handle(b"junk", {}, "m9", publisher=Pub(), **kw).status == "dead_letter"
+    assert len(published) == 1
+
+
+def test_unexpected_error_in_prepare_is_dead_lettered(monkeypatch, ztf_map):
+    storage = _Storage()
+
+    def boom(*a, **k):
+        raise KeyError("weird")
+
+    monkeypatch.setattr(archive, "prepare", boom)
+    out = archive.handle(b"x", {}, "m1", smap=ztf_map, storage=storage, bucket="b", dead_letter_bucket="dl")
+    assert out.status == "dead_letter" and "KeyError" in out.reason and "\n" not in out.reason
