@@ -301,7 +301,7 @@ def test_plot_failure_keeps_the_row(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("no canvas")
 
-    monkeypatch.setattr(salt2, "plot_png", boom)
+    monkeypatch.setattr(va.Salt2Plotter, "png", boom)
     out = _drive(va.Salt2Outputs("ztf", INST.bucket("sncosmo"), va.salt2_schema("ztf")), ok[:1])
     (row,) = out["salt2_rows"]
     assert row["success"] and "plot_uri" not in row
@@ -315,6 +315,33 @@ def test_filter_counts_every_reason():
     assert len(out["main"]) + len(out["rejected"]) == len(artifacts)
     with pytest.raises(ValueError):
         va.FilterAlerts("ztf", "nope")
+
+
+@needs_model
+def test_plotter_reuses_one_figure_without_growth():
+    import gc
+
+    pk = synth.generate(40, seed=1, kind="sn")
+    fitted = [f for f in _drive(va.FitSalt2("ztf"), [_alert(p) for p in pk[-8:]])["main"] if f.result.success]
+    assert fitted
+    plotter = va.Salt2Plotter()
+    first = plotter.png(fitted[0].lc, fitted[0].result)
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def live_objects(n_plots: int) -> int:
+        for i in range(n_plots):
+            f = fitted[i % len(fitted)]
+            plotter.png(f.lc, f.result)
+        gc.collect()
+        return len(gc.get_objects())
+
+    live_objects(10)  # warm caches
+    base = live_objects(10)
+    assert live_objects(40) - base < 300  # nothing accumulates per plot
+    assert not plotter._ax.lines and not plotter._ax.collections  # artists removed after each plot
+    assert plotter.png(fitted[0].lc, fitted[0].result) == first  # same inputs, same picture
+    assert plotter.png(fitted[0].lc, salt2.Salt2Result(False, "x"))[:4] == b"\x89PNG"
+    plotter.close()
 
 
 def test_to_json_is_strict():
