@@ -169,6 +169,30 @@ class Processor:
         return [self.process(*it) for it in items]
 
 
+def job_rate(packets: list[bytes], inst: naming.Instance | None = None, *, cfg=None, model_data: str | None = None,
+             plots: bool = True) -> dict:
+    """Speed of the job's DoFn chain in this process, without I/O: decode, strip, both
+    filters, JSON messages, quality gate, SALT2 fit, salt2 row and PNG, for every packet
+    (one warm-up packet untimed). Returns ``{alerts, seconds, alerts_per_s, fits,
+    fit_succeeded, ms_per_fitted_alert}`` (fit + row + plot time per fitted alert)."""
+    inst = inst or naming.Instance("ztf", "bench", "pgbctl-local")
+    proc = Processor(inst, cfg, model_data=model_data, plots=plots)
+    if packets:
+        proc.process(packets[0])
+    t0 = time.perf_counter()
+    results = [proc.process(p) for p in packets]
+    dt = time.perf_counter() - t0
+    fits = [r for r in results if r.fit is not None]
+    return {
+        "alerts": len(packets),
+        "seconds": dt,
+        "alerts_per_s": len(packets) / dt if dt > 0 else None,
+        "fits": len(fits),
+        "fit_succeeded": sum(r.fit == "ok" for r in fits),
+        "ms_per_fitted_alert": 1000 * sum(r.fit_seconds for r in fits) / len(fits) if fits else None,
+    }
+
+
 # worker processes (--workers > 1): one Processor per process
 _WORKER: Processor | None = None
 
