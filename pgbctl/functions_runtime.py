@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from pgbctl import naming
 from pgbctl.paths import FUNCTIONS_DIR
 
 log = logging.getLogger(__name__)
+# the emulator needs return_immediately (see pull_batch); the client warns on every pull
+warnings.filterwarnings("ignore", message="The return_immediately flag is deprecated", category=DeprecationWarning)
 
 
 @dataclass

@@ -36,12 +36,15 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from pgbctl import naming
 
 log = logging.getLogger("pgbctl.localrun")
+# the emulator needs return_immediately (see pull_batch); the client warns on every pull
+warnings.filterwarnings("ignore", message="The return_immediately flag is deprecated", category=DeprecationWarning)
 
 JOBS = ("bq-sink",)
 

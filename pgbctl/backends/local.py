@@ -65,13 +65,42 @@ class LocalBackend(Backend):
             n = st.options.get("notify") or {}
             if n.get("bucket") != change.resource.name:
                 return  # the storage service notifies for another instance now: leave it
+            self._release_storage_connections()
             services.up(["storage"], project=self.project, gcs_notify_topic=None)
         else:
             topic = change.resource.specd()["topic"]
+            self._release_storage_connections()
             services.up(["storage"], project=self.project,
                         gcs_notify_topic=f"projects/{self.project}/topics/{topic}",
                         gcs_notify_bucket=change.resource.name, gcs_notify_events="finalize")
-        # fake-gcs-server restarted on the same port with its data on disk: clients keep working
+        # fake-gcs-server restarted with its data on disk, normally on the same port; if the
+        # port had to change, the clients are rebuilt for the new address
+        self._follow_endpoints()
+
+    def _release_storage_connections(self) -> None:
+        """Close our keep-alive connections to the storage service before it restarts: the
+        server's side of a connection the client keeps open lingers in FIN_WAIT2 after the
+        server dies and stops the restarted server from binding the same port."""
+        c = self._clients
+        st = c._cache.get("storage") if c is not None else None
+        http = getattr(st, "_http_internal", None) or getattr(st, "_http", None) if st is not None else None
+        if http is not None and hasattr(http, "close"):
+            try:
+                http.close()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+    def _follow_endpoints(self) -> None:
+        from pgbctl.local import services
+
+        try:
+            now = services.endpoints(project=self.project)
+        except services.LocalServicesError as e:
+            raise BackendError(str(e)) from None
+        if self._endpoints is not None and now != self._endpoints and self._clients is not None:
+            self._clients.close()
+            self._clients = None  # rebuilt on next use, for the new address
+        self._endpoints = now
 
     def count_waiting(self, subscription: str, cap: int = 200_000, timeout: float = 60.0) -> int | None:
         """Messages waiting in a subscription. The emulator has no metrics, so pull without
