@@ -76,7 +76,7 @@ def render(results: dict) -> None:
     con.print(f"[bold]pgbctl benchmarks[/bold] ({'quick' if results['quick'] else 'full'} run, "
               f"{results['started']}, {results['duration_s']:.0f} s)")
     con.print(f"machine: {m['cores']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, load average {m.get('load_avg')} "
-              f"at start, Python {m['python']}, {m['platform']}")
+              f"at start, {m.get('load_avg_end')} at end, Python {m['python']}, {m['platform']}")
     t = Table(show_lines=False)
     for c, kw in (("benchmark", {}), ("value", {"justify": "right"}), ("unit", {}), ("target", {}),
                   ("ok", {"justify": "center"}), ("note", {"overflow": "fold"})):
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "ok" not in r:
             r["ok"] = meets(r.get("value"), r.get("target"))
+    mach["load_avg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     results = {"started": started, "quick": a.quick, "duration_s": round(time.monotonic() - t0, 1),
                "machine": mach, "modules": a.only, "out": str(a.out), "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
