@@ -165,6 +165,19 @@ def _simulate(home: Path, clients, duration: float) -> list[dict]:
     return out
 
 
+def _java_opts(duration: float) -> str | None:
+    """Up to ``duration`` x 1000/s x 70 KB stay in the emulator until drained (2 GB for 30 s):
+    pgbctl's default heap (when it has one big enough) or 3 GB."""
+    import re
+
+    from pgbctl.local import services
+
+    need = 3 if duration > 10 else 1
+    m = re.search(r"-Xmx(\d+)g", os.environ.get("PGBCTL_PUBSUB_JAVA_OPTS")
+                  or getattr(services, "DEFAULT_PUBSUB_JAVA_OPTS", ""))
+    return None if m and int(m.group(1)) >= need else f"-Xmx{need}g -XX:+ExitOnOutOfMemoryError"
+
+
 def run(quick: bool) -> list[dict]:
     from pgbctl.clients import Clients
     from pgbctl.local import services
@@ -172,8 +185,7 @@ def run(quick: bool) -> list[dict]:
     packets, label = alert_packets()
     n = 2000 if quick else 10_000
     duration = 5.0 if quick else 30.0
-    # up to 30 s x 1000/s x 70 KB stay in the emulator until drained: give it room
-    with local_home("pgbctl-bench-pubsub-", pubsub_java_opts="-Xmx3g") as home:
+    with local_home("pgbctl-bench-pubsub-", pubsub_java_opts=_java_opts(duration)) as home:
         ep = services.endpoints(home)
         clients = Clients.for_backend("local", ep.project, ep)
         try:
