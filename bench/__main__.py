@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -77,6 +78,10 @@ def render(results: dict) -> None:
               f"{results['started']}, {results['duration_s']:.0f} s)")
     con.print(f"machine: {m['cores']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, load average {m.get('load_avg')} "
               f"at start, {m.get('load_avg_end')} at end, Python {m['python']}, {m['platform']}")
+    ms = results.get("module_stats") or {}
+    if ms:
+        con.print("modules: " + ", ".join(f"{n} {d['seconds']:.0f} s (1-min load {d['load_start']}→{d['load_end']})"
+                                          for n, d in ms.items()))
     t = Table(show_lines=False)
     for c, kw in (("benchmark", {}), ("value", {"justify": "right"}), ("unit", {}), ("target", {}),
                   ("ok", {"justify": "center"}), ("note", {"overflow": "fold"})):
@@ -100,17 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rows: list[dict] = []
     errored = False
+    stats: dict[str, dict] = {}
     for name in a.only:
         log(f"== {name}")
+        t1, load0 = time.monotonic(), os.getloadavg()[0]
         got, err = run_module(name, a.quick)
         rows += got
         errored |= err
+        stats[name] = {"seconds": round(time.monotonic() - t1, 1), "load_start": round(load0, 2),
+                       "load_end": round(os.getloadavg()[0], 2)}
     for r in rows:
         if "ok" not in r:
             r["ok"] = meets(r.get("value"), r.get("target"))
-    mach["load_avg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    mach["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     results = {"started": started, "quick": a.quick, "duration_s": round(time.monotonic() - t0, 1),
-               "machine": mach, "modules": a.only, "out": str(a.out), "results": rows}
+               "machine": mach, "modules": a.only, "module_stats": stats, "out": str(a.out), "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     if a.json:
