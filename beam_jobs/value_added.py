@@ -729,12 +729,14 @@ class UploadFigures(beam.DoFn):
     """``(object name, png bytes)`` -> the ``sncosmo`` bucket (overwrites: a redelivered
     alert re-writes the same object). Storage errors raise (the bundle is retried)."""
 
-    def __init__(self, inst: naming.Instance, backend: str, endpoints: Any = None, clients: Any = None):
+    def __init__(self, inst: naming.Instance, backend: str, endpoints: Any = None, clients: Any = None,
+                 retry_timeout: float | None = None):
         self.inst = inst
         self.backend = backend
         self.endpoints = endpoints
         self._clients = clients
         self._own_clients = clients is None
+        self.retry_timeout = retry_timeout  # None: google-cloud-storage's default (120 s)
         self.count = Metrics.counter(STAGE, "figures_uploaded")
 
     def __getstate__(self):
@@ -752,7 +754,12 @@ class UploadFigures(beam.DoFn):
         self._bucket = self._clients.storage.bucket(self.inst.bucket(FIGURE_BUCKET))
 
     def upload(self, name: str, png: bytes) -> None:
-        self._bucket.blob(name).upload_from_string(png, content_type="image/png")
+        kw = {}
+        if self.retry_timeout is not None:
+            from google.cloud.storage.retry import DEFAULT_RETRY
+
+            kw["retry"] = DEFAULT_RETRY.with_timeout(self.retry_timeout)
+        self._bucket.blob(name).upload_from_string(png, content_type="image/png", **kw)
         self.count.inc()
 
     def process(self, fig):

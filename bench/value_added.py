@@ -100,10 +100,10 @@ def job_local_rows(quick: bool) -> list[dict]:
     worker_counts = [1] + ([2] if cores >= 2 else [])
     out = []
     with local_home("pgbctl-bench-va-") as home:
-        ep = services.endpoints(home)
         for workers in worker_counts:
             testid = f"benchvaw{workers}"  # a fresh instance per round: same alerts, empty table
             note = create_instance(testid, home=home)
+            ep = services.endpoints(home)  # after create: it may restart the storage emulator
             inst = naming.Instance("ztf", testid, ep.project)
             with Clients.for_backend("local", inst.project, ep) as clients:
                 topic = clients.topic_path(inst.topic("alerts"))

@@ -197,9 +197,19 @@ def job_rate(packets: list[bytes], inst: naming.Instance | None = None, *, cfg=N
 _WORKER: Processor | None = None
 
 
-def _init_worker(inst: naming.Instance, cfg, model_data: str | None, plots: bool) -> None:
+def _init_worker(inst: naming.Instance, cfg, model_data: str | None, plots: bool, log_level: int) -> None:
     global _WORKER
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    logging.getLogger("beam_jobs.value_added").setLevel(log_level)
+    parent = os.getppid()
+
+    def orphaned():  # the parent was killed without shutting the pool down: do not linger
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
     _WORKER = Processor(inst, cfg, model_data=model_data, plots=plots)
 
 
@@ -309,7 +319,6 @@ class ValueAddedExecutor:
                  batch: int = 200, max_wait: float = 0.5, workers: int = 1, plots: bool = True,
                  dedup_minutes: float = 10.0, upload_threads: int = 8):
         va = _beam_jobs()
-        from beam_jobs.common import WriteDeadLetters
 
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -337,18 +346,54 @@ class ValueAddedExecutor:
             # spawn, not fork: the parent holds gRPC channels and threads
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker,
-                                            initargs=(inst, self.cfg, self.model_data, plots))
+                                            initargs=(inst, self.cfg, self.model_data, plots,
+                                                      logging.getLogger("beam_jobs.value_added").getEffectiveLevel()))
             for f in [self.pool.submit(_work, []) for _ in range(workers)]:
                 f.result(timeout=300)  # workers up (model loaded) before the first pull
-        self.figures = va.UploadFigures(inst, clients.backend, clients=clients)
-        self.figures.setup()
-        self.dead_letters = WriteDeadLetters(inst, clients.backend, clients=clients)
-        self.dead_letters.setup()
+        self._writers(clients)
         self.upload_threads = upload_threads
         self.seen = _Seen(dedup_minutes * 60.0)
         self.counts = Counts()
+        self._store = None  # Clients for storage once the emulator moved (refresh_storage)
         self._held: dict[int, list[str]] = {}  # batch id -> ack ids not yet acked/nacked
         self._held_lock = threading.Lock()
+
+    def _writers(self, clients) -> None:
+        va = self.va
+        from beam_jobs.common import WriteDeadLetters
+
+        # a short retry: a storage emulator that went away fails the batch soon (redelivered,
+        # after refresh_storage) instead of holding everything for 120 s
+        self.figures = va.UploadFigures(self.inst, clients.backend, clients=clients, retry_timeout=20.0)
+        self.figures.setup()
+        self.dead_letters = WriteDeadLetters(self.inst, clients.backend, clients=clients)
+        self.dead_letters.setup()
+
+    def refresh_storage(self) -> bool:
+        """Locally, ``pgbctl create`` of another instance restarts the storage emulator
+        (its notification settings), possibly on another port: after a failed batch, point
+        the figure and dead-letter writers at the current address (checked before every
+        batch, and after a failed one). True if it had moved."""
+        ep = getattr(self.clients, "endpoints", None)
+        if ep is None or not getattr(ep, "home", None):
+            return False
+        try:
+            from pgbctl.local import services
+
+            now = services.endpoints(ep.home, project=self.inst.project)
+        except Exception:  # noqa: BLE001 - services down: the next batch will tell
+            return False
+        current = self._store.endpoints if self._store is not None else ep
+        if now.storage_url == current.storage_url:
+            return False
+        from pgbctl.clients import Clients
+
+        log.warning("storage emulator moved %s -> %s; following it", current.storage_url, now.storage_url)
+        if self._store is not None:
+            self._store.close()
+        self._store = Clients.for_backend("local", self.inst.project, now)
+        self._writers(self._store)
+        return True
 
     def _check_table(self) -> None:
         from google.api_core import exceptions as gexc
@@ -431,6 +476,7 @@ class ValueAddedExecutor:
         from beam_jobs.common import dead_letter
 
         va = self.va
+        self.refresh_storage()  # one small file read: follows a restarted storage emulator
         fresh: list[AlertResult] = []
         in_batch: set = set()
         dups = 0
@@ -597,7 +643,8 @@ class ValueAddedExecutor:
                         log.error("batch of %d not written (%s: %s); it will be redelivered", b.n_in,
                                   type(e).__name__, " ".join(str(e).split())[:300])
                         self.nack(b.ack_ids)
-                        stop.wait(backoff)
+                        if not self.refresh_storage():
+                            stop.wait(backoff)
                         backoff = min(backoff * 2, 30.0)
                     finally:
                         release(b.hold_key)
@@ -623,6 +670,9 @@ class ValueAddedExecutor:
                 self.nack(leftover)
             te.join(timeout=5)
             self.dead_letters.teardown()
+            if self._store is not None:
+                self._store.close()
+                self._store = None
             self.close()
         return self.counts.as_dict()
 

@@ -99,12 +99,46 @@ def _drain(clients, inst, stub: str, subscription: str | None = None) -> list:
     return got
 
 
-def _executor(inst, home, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pgbctl.localrun_value_added", "--survey", inst.survey, "--testid", inst.testid,
-           "--project", inst.project, "--log-every", "1", *extra]
-    env = dict(os.environ, PGBCTL_HOME=str(home))
-    return subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+class _Executor:
+    """``python -m pgbctl.localrun_value_added`` in a child process; its output goes to files
+    (a pipe nobody reads while it runs would fill up and block it)."""
+
+    def __init__(self, inst, home, *extra: str):
+        import tempfile
+
+        cmd = [sys.executable, "-m", "pgbctl.localrun_value_added", "--survey", inst.survey, "--testid",
+               inst.testid, "--project", inst.project, "--log-every", "1", *extra]
+        env = dict(os.environ, PGBCTL_HOME=str(home))
+        self._out = tempfile.TemporaryFile("w+")
+        self._err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=self._out, stderr=self._err, text=True)
+
+    def send_signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        self.proc.wait(timeout=timeout)
+        self._out.seek(0)
+        return self._out.read(), self.stderr()
+
+
+def _executor(inst, home, *extra: str) -> _Executor:
+    return _Executor(inst, home, *extra)
 
 
 def _summary(stdout: str) -> dict:
@@ -205,3 +239,49 @@ def test_value_added_sigterm_finishes_the_batch(instance, local_services, local_
     assert s["in"] + len(left) == len(pk)
     rows = list(clients.bigquery.query(f"SELECT candid FROM `{inst.table('salt2')}`").result(timeout=60))
     assert len(rows) == s["rows_salt2"]
+
+
+def test_value_added_survives_a_storage_restart(instance, local_services, local_clients):
+    """``pgbctl create`` of another instance restarts the storage emulator (its notification
+    settings), possibly on another port: a running executor keeps writing PNGs."""
+    home, _ = local_services
+    inst, clients = instance, local_clients
+    other = "vb" + uuid.uuid4().hex[:8]
+    proc = _executor(inst, home, "--batch", "10")
+    try:
+        first = synth.generate(20, seed=31, kind="sn")
+        _publish(clients, inst, first)
+        bucket = clients.storage.bucket(inst.bucket("sncosmo"))
+
+        def n_png(c):
+            return sum(1 for _ in c.storage.list_blobs(c.storage.bucket(inst.bucket("sncosmo")),
+                                                       prefix="salt2/plot_lc/"))
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and n_png(clients) == 0:
+            time.sleep(0.5)
+        assert n_png(clients) > 0 and bucket
+        code, _, err = _cli("create", "--testid", other, "--yes")  # restarts the storage emulator
+        assert code == 0, err
+        from pgbctl.clients import Clients
+        from pgbctl.local import services
+
+        now = Clients.for_backend("local", inst.project, services.endpoints(home))
+        try:
+            before = n_png(now)
+            _publish(now, inst, synth.generate(20, seed=32, kind="sn"))
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and n_png(now) <= before:
+                time.sleep(0.5)
+            assert n_png(now) > before, ("no PNG written after the storage emulator restarted: "
+                                         + proc.stderr()[-3000:])
+        finally:
+            now.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _cli("delete", "--testid", other, "--yes")
+    assert proc.returncode == 0, err[-3000:]
+    assert "error" not in _summary(out)

@@ -224,6 +224,31 @@ def test_composite_on_synthetic_and_real_alerts(packets):
     assert counters["figures"] == len(exp["success"])
 
 
+@needs_model
+def test_fast_executor_processor_runs_the_same_dofns(packets):
+    """pgbctl.localrun_value_added.Processor (what the fast local executor runs per message)
+    gives what the composite gives."""
+    from pgbctl.localrun_value_added import Processor
+
+    exp = _expected(packets)
+    proc = Processor(INST)
+    results = [proc.process(p, {}, f"m{i}") for i, p in enumerate(packets[:-2])]  # unique ones
+    by_topic = collections.defaultdict(set)
+    for r in results:
+        for topic, data, attrs in r.messages:
+            by_topic[topic].add(attrs["candid"])
+            assert set(attrs) == set(va.ATTRIBUTES) and json.loads(data)
+    assert by_topic["alerts_pure"] == exp["pure"] and by_topic["exgalac_trans"] == exp["exgal"]
+    assert by_topic["salt2"] == exp["success"]
+    assert {str(r.row["candid"]) for r in results if r.row} == exp["fitted"]
+    assert {str(r.source_id) for r in results if r.figure} == exp["success"]
+    assert {str(r.source_id) for r in results if r.fit == "ok"} == exp["success"]
+    got = collections.Counter(f"{w}:{x}" for r in results for w, reasons in r.rejections for x in reasons)
+    assert got == exp["reasons"]
+    bad = proc.process(b"certainly not avro", {}, "junk")
+    assert bad.source_id is None and len(bad.dead) == 1 and not bad.messages
+
+
 # ---- the DoFns on their own --------------------------------------------------------------------
 
 
@@ -407,3 +432,34 @@ def test_build_graph_names(monkeypatch):
     assert f"--runner={LOCAL_RUNNER}" in pipeline_args(va.JOB, INST, "local")
     gcp = pipeline_args(va.JOB, INST, "gcp")
     assert "--runner=DataflowRunner" in gcp and f"--job_name={INST.beam_job('value-added')}" in gcp
+
+
+def test_fast_executor_follows_a_moved_storage_emulator(monkeypatch):
+    """Locally, `pgbctl create` restarts the storage emulator, maybe on another port: the
+    executor's figure and dead-letter writers follow it (no network needed to check that)."""
+    from pgbctl.clients import Clients
+    from pgbctl.local import services
+    from pgbctl.localrun_value_added import ValueAddedExecutor
+
+    old = services.Endpoints("127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3", "pgbctl-local",
+                             home="/nonexistent-home")
+    moved = services.Endpoints("127.0.0.1:1", "http://127.0.0.1:4", "http://127.0.0.1:3", "pgbctl-local",
+                               home="/nonexistent-home")
+    where = {"now": old}
+    monkeypatch.setattr(services, "endpoints", lambda home=None, project=None: where["now"])
+    ex = ValueAddedExecutor.__new__(ValueAddedExecutor)  # no services: only what refresh needs
+    ex.va, ex.inst, ex._store = va, INST, None
+    ex.clients = Clients.for_backend("local", INST.project, old)
+    try:
+        ex._writers(ex.clients)
+        assert ex.refresh_storage() is False  # nothing moved
+        where["now"] = moved
+        assert ex.refresh_storage() is True
+        assert ex._store.endpoints.storage_url == "http://127.0.0.1:4"
+        assert ex.figures._clients is ex._store and ex.dead_letters._clients is ex._store
+        assert ex.figures._bucket.name == INST.bucket("sncosmo")
+        assert ex.refresh_storage() is False  # already following
+    finally:
+        if ex._store is not None:
+            ex._store.close()
+        ex.clients.close()
