@@ -45,19 +45,82 @@ def emulator_channel(host: str) -> "grpc.Channel":
     return grpc.insecure_channel(host, options=list(EMULATOR_CHANNEL_OPTIONS))
 
 
-def local_http_session(pool_size: int = 32):
+def local_http_session(pool_size: int = 32, *, service: str | None = None, home: str | None = None):
     """The HTTP session of the local Storage and BigQuery clients: no proxy lookups in the
     environment (``trust_env=False``: requests otherwise scans ``os.environ`` on every
     request -- a third of the client's CPU per object upload -- and must never route
-    127.0.0.1 through a proxy anyway) and a connection pool for many worker threads."""
+    127.0.0.1 through a proxy anyway) and a connection pool for many worker threads.
+
+    With ``service`` (``storage`` or ``warehouse``) and the local state dir ``home``, the
+    session follows the service when it restarts on another port (see :class:`_FollowAdapter`).
+    """
     import requests
 
     s = requests.Session()
     s.trust_env = False
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    if service and home:
+        adapter = _follow_adapter(service, home, pool_connections=4, pool_maxsize=pool_size)
+    else:
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     return s
+
+
+def _follow_adapter(service: str, home: str, **kw):
+    import requests
+
+    class _FollowAdapter(requests.adapters.HTTPAdapter):
+        """Sends to a local service's CURRENT address.
+
+        The storage emulator restarts whenever its bucket-notification topic changes (another
+        instance's ``pgbctl create``/``delete``), normally on the same port but on another
+        one when the old port cannot be bound yet. A client built for the old address would
+        then fail forever; this adapter, on a connection error, reads the service's address
+        from the local state dir and, if it moved, sends the request there (a request that
+        could not connect never reached the old server, so resending is safe) -- and every
+        later request too.
+        """
+
+        def __init__(self, **akw):
+            super().__init__(**akw)
+            self._orig: str | None = None  # the address the client builds its URLs with
+            self._target: str | None = None  # where the service is now, when it moved
+
+        def _current(self) -> str | None:
+            from urllib.parse import urlsplit
+
+            from pgbctl.local import services
+
+            try:
+                ep = services.endpoints(home)
+            except Exception:  # noqa: BLE001 - services down: report the original error
+                return None
+            return urlsplit(ep.storage_url if service == "storage" else ep.bigquery_url).netloc
+
+        def send(self, request, **skw):
+            from urllib.parse import urlsplit, urlunsplit
+
+            parts = urlsplit(request.url)
+            if self._orig is None:
+                self._orig = parts.netloc
+            if self._target and parts.netloc == self._orig:
+                request.url = urlunsplit(parts._replace(netloc=self._target))
+                parts = urlsplit(request.url)
+            try:
+                return super().send(request, **skw)
+            except requests.exceptions.ConnectionError as e:
+                # only "could not connect" is safe to resend (nothing reached the server)
+                if not isinstance(e, requests.exceptions.ConnectTimeout) and "refused" not in str(e).lower():
+                    raise
+                now = self._current()
+                if not now or now == parts.netloc:
+                    raise
+                self._target = now
+                request.url = urlunsplit(parts._replace(netloc=now))
+                return super().send(request, **skw)
+
+    return _FollowAdapter(**kw)
 
 
 class Clients:
@@ -161,7 +224,7 @@ class Clients:
 
         return storage.Client(project=self._project, credentials=AnonymousCredentials(),
                               client_options={"api_endpoint": self.endpoints.storage_url},
-                              _http=local_http_session())
+                              _http=local_http_session(service="storage", home=self.endpoints.home))
 
     @property
     def bigquery(self) -> "bigquery.Client":
@@ -176,7 +239,7 @@ class Clients:
 
         return bigquery.Client(project=self._project, credentials=AnonymousCredentials(),
                                client_options={"api_endpoint": self.endpoints.bigquery_url},
-                               _http=local_http_session())
+                               _http=local_http_session(service="warehouse", home=self.endpoints.home))
 
     # ------------------------------------------------------------------ lifecycle
 
