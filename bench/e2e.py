@@ -22,7 +22,9 @@ insertion time), so table latencies are over-estimated by up to one poll interva
 
 Rows: per sink (``archive``, ``bq_sink``), the paced phase's p50/p95 latency and the burst
 phase's throughput (alerts / (last landed - first published)). Target ≥ 300 alerts/s (Rubin
-average), aim 1000/s.
+average), aim 1000/s. The archive rate's note gives the CPU seconds each component (the three
+emulators, the archive function, bq-sink, this process) used during the burst: where the
+time goes, and how much of the machine the local broker had.
 
 ``pgbctl night`` is required; without it the module reports one "skipped" row. For working
 on this benchmark before ``night`` exists, ``BENCH_E2E_DIRECT=1`` starts the two components
@@ -120,6 +122,42 @@ def _proc_logs(home: Path, lines: int = 3) -> str:
         log(f"e2e: {p.name}:\n  " + "\n  ".join(tail))
         out.append(f"{p.stem}: {' | '.join(tail)[-300:]}")
     return ("; logs: " + "; ".join(out)) if out else ""
+
+
+_COMPONENT_MARKERS = (("pubsub-emulator", "pubsub"), ("fake-gcs-server", "storage"), ("bqemulator", "warehouse"),
+                      ("functions_runtime", "archive"), ("localrun", "bq-sink"), ("supervise.py", None))
+
+
+def _cpu_seconds(home: Path) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each local service and night process of ``home``,
+    by component, and of this process (``bench``: publisher + watcher)."""
+    import resource
+
+    from pgbctl.local import services
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in services.all_pids(home):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name = next((n for m, n in _COMPONENT_MARKERS if m in cmd), "other")
+        if name is None:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["bench"] = ru.ru_utime + ru.ru_stime
+    return out
+
+
+def _cpu_note(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    used = {k: after[k] - before.get(k, 0.0) for k in after}
+    parts = [f"{k} {v:.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.5]
+    return (f"CPU s over the {wall:.0f} s burst: " + ", ".join(parts)
+            + f" (= {sum(used.values()) / wall:.1f} of {os.cpu_count()} cores)")
 
 
 # ---- observing the sinks ---------------------------------------------------------------------------
@@ -362,13 +400,17 @@ def run(quick: bool) -> list[dict]:
 
                 log(f"e2e: burst phase, {n_burst} alerts")
                 watcher.watch([a[0] for a in burst])
+                cpu0 = _cpu_seconds(home)
                 t1 = time.monotonic()
                 sent = _publish(clients, topic, burst, None)
                 publish_s = time.monotonic() - t1
                 done = watcher.wait_for(list(sent), timeout=60 + n_burst / 20)
-                log(f"e2e: burst landed {'fully' if done else 'PARTLY'} in {time.monotonic() - t1:.1f}s")
+                burst_s = time.monotonic() - t1
+                cpu_note = _cpu_note(cpu0, _cpu_seconds(home), burst_s)
+                log(f"e2e: burst landed {'fully' if done else 'PARTLY'} in {burst_s:.1f}s; {cpu_note}")
                 measured = True
                 out = _throughput_rows("burst", sent, watcher, publish_s) + out
+                out[0]["note"] += f"; {cpu_note}"
                 out += _latency_rows("burst", sent, watcher, f"published in a burst ({publish_s:.1f}s)")
                 if watcher.errors:
                     out[0]["note"] += f"; poll errors: {'; '.join(watcher.errors[:2])}"
