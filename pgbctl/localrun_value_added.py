@@ -555,6 +555,10 @@ class ValueAddedExecutor:
             except Exception as e:  # noqa: BLE001 - they come back after the ack deadline anyway
                 log.warning("nack failed (%s); messages return after their ack deadline", e)
 
+    def _holding(self) -> bool:
+        with self._held_lock:
+            return bool(self._held)
+
     def _extend_leases(self) -> None:
         with self._held_lock:
             ids = [a for ids in self._held.values() for a in ids]
@@ -649,7 +653,8 @@ class ValueAddedExecutor:
                     finally:
                         release(b.hold_key)
                     last_data = time.monotonic()
-                elif exit_when_idle is not None and now - last_data > exit_when_idle:
+                elif (exit_when_idle is not None and now - last_data > exit_when_idle
+                      and not self._holding()):  # idle: nothing pulled, nothing in preparation
                     log.info("value-added: idle for %.0f s, stopping", exit_when_idle)
                     break
                 if max_messages is not None and self.counts.messages >= max_messages:
