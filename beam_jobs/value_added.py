@@ -962,7 +962,15 @@ def run(argv: list[str] | None = None, *, wait: bool | None = None):
           dedup_minutes=args.dedup_minutes, plots=not args.no_plots)
     result = p.run()
     if wait if wait is not None else args.backend == "local":
-        result.wait_until_finish()
+        try:
+            result.wait_until_finish()
+        except KeyboardInterrupt:
+            log.info("interrupted: cancelling the pipeline")
+            try:
+                result.cancel()
+            except Exception as e:  # noqa: BLE001
+                log.warning("cancel: %s", e)
+            raise
     return result
 
 
@@ -970,11 +978,14 @@ def main(argv: list[str] | None = None) -> int:
     from pgbctl.science.sncosmo_data import ModelDataError
 
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
     try:
         run(argv)
     except ModelDataError as e:
         print(f"value-added: cannot start: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

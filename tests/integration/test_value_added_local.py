@@ -285,3 +285,46 @@ def test_value_added_survives_a_storage_restart(instance, local_services, local_
         _cli("delete", "--testid", other, "--yes")
     assert proc.returncode == 0, err[-3000:]
     assert "error" not in _summary(out)
+
+
+def test_value_added_beam_pipeline_on_the_direct_runner(instance, local_services, local_clients):
+    """The job's real Beam graph (``python -m beam_jobs.value_added --backend local``: the
+    bundle-based DirectRunner, ReadFromPubSub, WriteToPubSub, WriteToBigQuery, figure
+    uploads) against the emulators, on a few alerts; stopped with SIGINT once they are out."""
+    home, _ = local_services
+    inst, clients = instance, local_clients
+    pk = synth.generate(12, seed=2, kind="sn")
+    exp = _expected(pk)
+    _publish(clients, inst, pk)
+    import tempfile
+
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beam_jobs.value_added", "--survey", "ztf", "--testid", inst.testid,
+         "--project", inst.project, "--backend", "local", "--home", str(home)],
+        cwd=str(REPO_ROOT), env=dict(os.environ, PGBCTL_HOME=str(home)), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        rows = pngs = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            rows = list(clients.bigquery.query(f"SELECT COUNT(*) FROM `{inst.table('salt2')}`").result())[0][0]
+            pngs = sum(1 for _ in clients.storage.list_blobs(inst.bucket("sncosmo"), prefix="salt2/plot_lc/"))
+            if rows >= len(exp["fitted"]) and pngs >= len(exp["success"]):
+                break
+        log.seek(0)
+        assert proc.poll() is None, log.read()[-3000:]
+        assert (rows, pngs) == (len(exp["fitted"]), len(exp["success"]))
+        for stub, want in (("alerts_pure", exp["pure"]), ("exgalac_trans", exp["exgal"]),
+                           ("salt2", exp["success"])):
+            msgs = _drain(clients, inst, stub)
+            assert sorted(m.attributes["candid"] for m in msgs) == sorted(want), stub
+            assert all(set(m.attributes) == ATTRS for m in msgs)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
