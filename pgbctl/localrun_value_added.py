@@ -21,7 +21,10 @@ with one message (exit code 2).
 
 SIGTERM/SIGINT: the batch being written is finished and acknowledged, a batch pulled but not
 written is handed back; exit code 0. Count lines go to stderr every ``--log-every`` seconds; a
-final JSON summary line is printed on stdout.
+final JSON summary line is printed on stdout. With ``$PGBCTL_STATUS_FILE`` (or
+``--status-file``) set, the status file of :mod:`pgbctl.procstatus` is kept (``running`` once
+set up and pulling; ``in_flight``; counts; ``stopped`` with the final counts) -- what
+``pgbctl night`` waits on.
 """
 
 from __future__ import annotations
@@ -357,6 +360,7 @@ class ValueAddedExecutor:
         self._store = None  # Clients for storage once the emulator moved (refresh_storage)
         self._held: dict[int, list[str]] = {}  # batch id -> ack ids not yet acked/nacked
         self._held_lock = threading.Lock()
+        self._last_activity: float | None = None  # wall time of the last pull/ack (status file)
 
     def _writers(self, clients) -> None:
         va = self.va
@@ -559,6 +563,14 @@ class ValueAddedExecutor:
         with self._held_lock:
             return bool(self._held)
 
+    def status(self) -> dict:
+        """For the status file (:mod:`pgbctl.procstatus`): messages pulled and not yet acked
+        or handed back, the wall time of the last pull/ack, the counts."""
+        with self._held_lock:
+            in_flight = sum(len(ids) for ids in self._held.values())
+            last = self._last_activity
+        return {"in_flight": in_flight, "last_activity": last, "counts": self.counts.as_dict()}
+
     def _extend_leases(self) -> None:
         with self._held_lock:
             ids = [a for ids in self._held.values() for a in ids]
@@ -573,7 +585,13 @@ class ValueAddedExecutor:
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, exit_when_idle: float | None = None, log_every: float = 10.0,
-            max_messages: int | None = None) -> dict:
+            max_messages: int | None = None, status_file: str | None = None) -> dict:
+        """Pull + DoFns in one thread, write + ack in this one, until ``stop`` (or idle for
+        ``exit_when_idle`` s, or ``max_messages``). Writes the status file
+        (:mod:`pgbctl.procstatus`; default ``$PGBCTL_STATUS_FILE``) meanwhile. Returns the
+        final counts."""
+        from pgbctl import procstatus
+
         q: queue.Queue = queue.Queue(maxsize=1)
         producer_stop = threading.Event()
         errors: list[BaseException] = []
@@ -583,11 +601,13 @@ class ValueAddedExecutor:
             k = next(seq)
             with self._held_lock:
                 self._held[k] = ack_ids
+                self._last_activity = time.time()
             return k
 
         def release(k):
             with self._held_lock:
                 self._held.pop(k, None)
+                self._last_activity = time.time()
 
         def produce():
             try:
@@ -626,6 +646,7 @@ class ValueAddedExecutor:
         t.start()
         te = threading.Thread(target=extender, name="value-added-lease", daemon=True)
         te.start()
+        status = procstatus.StatusWriter(JOB, self.status, status_file).start()
         last_log = time.monotonic()
         last_data = time.monotonic()
         backoff = 1.0
@@ -679,6 +700,7 @@ class ValueAddedExecutor:
                 self._store.close()
                 self._store = None
             self.close()
+            status.stop()
         return self.counts.as_dict()
 
     def _drain_and_nack(self, q: queue.Queue) -> None:
@@ -718,6 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SALT2 model files (default $SNCOSMO_DATA_DIR, else <shared data>/sncosmo)")
     p.add_argument("--no-plots", action="store_true", help="skip the light-curve PNGs")
     p.add_argument("--home", default=None, help="local state dir (default $PGBCTL_HOME)")
+    p.add_argument("--status-file", default=None,
+                   help="see pgbctl.procstatus (default $PGBCTL_STATUS_FILE; none: not written)")
     return p
 
 
@@ -759,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
                                     dedup_minutes=args.dedup_minutes)
             summary["workers"] = args.workers
             summary.update(ex.run(stop, exit_when_idle=args.exit_when_idle, log_every=args.log_every,
-                                  max_messages=args.max_messages))
+                                  max_messages=args.max_messages, status_file=args.status_file))
     except ModelDataError as e:
         print(f"value-added: cannot start: {e}", file=sys.stderr, flush=True)
         summary["error"] = f"ModelDataError: {' '.join(str(e).split())[:500]}"

@@ -213,9 +213,13 @@ def test_value_added_sigterm_finishes_the_batch(instance, local_services, local_
     the rest goes back to the subscription (nothing lost, nothing half-done), exit code 0."""
     home, _ = local_services
     inst, clients = instance, local_clients
+    from pgbctl import procstatus
+
     pk = synth.generate(80, seed=8, kind="sn")
     _publish(clients, inst, pk)
-    proc = _executor(inst, home, "--batch", "10")  # no --exit-when-idle: runs until told to stop
+    status_file = home / f"{inst.beam_job('value-added')}.status.json"
+    # no --exit-when-idle: runs until told to stop; the status file `pgbctl night` watches
+    proc = _executor(inst, home, "--batch", "10", "--status-file", str(status_file))
     try:
         deadline = time.monotonic() + 90
         sub = clients.subscription_path(inst.subscription("exgalac_trans-counter"))
@@ -225,6 +229,9 @@ def test_value_added_sigterm_finishes_the_batch(instance, local_services, local_
             if resp.received_messages:
                 break
             time.sleep(0.2)
+        st = procstatus.read(status_file)
+        assert st and st["state"] == "running" and st["process"] == "value-added", st
+        assert st["in_flight"] >= 0 and "in" in st["counts"]
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -234,6 +241,8 @@ def test_value_added_sigterm_finishes_the_batch(instance, local_services, local_
     s = _summary(out)
     assert "error" not in s and "signal 15" in err, s
     assert 0 < s["in"] < len(pk), s  # stopped mid-stream
+    st = procstatus.read(status_file)
+    assert st["state"] == "stopped" and st["in_flight"] == 0 and st["counts"]["in"] == s["in"], st
     # what was not processed is back on the job's subscription, unacknowledged
     left = _drain(clients, inst, "alerts", subscription="alerts-value-added")
     assert s["in"] + len(left) == len(pk)
