@@ -296,6 +296,9 @@ def _download_model_data(uri: str, survey: str, cfg, storage_client=None) -> str
             except Exception:  # noqa: BLE001 - reported below, with every missing file
                 missing.append(rel)
         if missing:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
             raise ModelDataError(f"SALT2 model data incomplete at {uri}: missing {', '.join(missing)}")
         _DOWNLOADED[uri] = root
         return root

@@ -463,3 +463,59 @@ def test_fast_executor_follows_a_moved_storage_emulator(monkeypatch):
         if ex._store is not None:
             ex._store.close()
         ex.clients.close()
+
+
+class _FakeBlob:
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def upload_from_filename(self, path):
+        self.store[self.name] = Path(path).read_bytes()
+
+    def download_to_filename(self, path):
+        if self.name not in self.store:
+            raise FileNotFoundError(self.name)
+        Path(path).write_bytes(self.store[self.name])
+
+
+class _FakeStorage:
+    """The slice of google.cloud.storage.Client the model-data helpers use."""
+
+    def __init__(self):
+        self.objects: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
+
+    def bucket(self, name):
+        store = self.objects[name]
+        return type("B", (), {"name": name, "blob": lambda _self, n: _FakeBlob(store, n)})()
+
+    def list_blobs(self, bucket, prefix=None):
+        return [type("O", (), {"name": n})() for n in self.objects[bucket] if not prefix or n.startswith(prefix)]
+
+
+@needs_model
+def test_model_data_on_gcs_staged_checked_and_downloaded(tmp_path, monkeypatch):
+    """gcp: the launcher stages the model files to gs://<sncosmo bucket>/sncosmo_data, checks
+    them there (one message when missing), and workers download them once."""
+    gcs = _FakeStorage()
+    gcp_inst = naming.Instance("ztf", "unit", "my-project")
+    uri = va.default_model_data("gcp", gcp_inst)
+    assert uri == f"gs://{gcp_inst.bucket('sncosmo')}/sncosmo_data"
+    with pytest.raises(sncosmo_data.ModelDataError, match="not found at gs://.*salt2_template_0.dat"):
+        va.check_model_data(uri, "ztf", storage_client=gcs)
+    staged = va.stage_model_data(_DATA, uri, "ztf", storage_client=gcs)
+    assert sorted(staged) == sorted(va.required_model_files("ztf"))
+    assert va.stage_model_data(_DATA, uri, "ztf", storage_client=gcs) == []  # already there
+    va.check_model_data(uri, "ztf", storage_client=gcs)
+    monkeypatch.setenv("SNCOSMO_DATA_DIR", _DATA)
+    monkeypatch.setattr(va, "_DOWNLOADED", {})
+    made = iter(range(10))
+    monkeypatch.setattr(va.tempfile, "mkdtemp", lambda prefix="": str(tmp_path / f"dl{next(made)}"))
+    root = va._download_model_data(uri, "ztf", None, gcs)
+    assert sncosmo_data.missing_files(Path(root)) == []
+    assert (Path(root) / "bandpasses/ztf/P48_g.dat").read_bytes() == (Path(_DATA) / "bandpasses/ztf/P48_g.dat").read_bytes()
+    assert va._download_model_data(uri, "ztf", None, _FakeStorage()) == root  # once per process
+    broken = _FakeStorage()
+    va.stage_model_data(_DATA, "gs://b/p", "ztf", storage_client=broken)
+    del broken.objects["b"]["p/models/salt2/salt2-4/salt2_template_1.dat"]
+    with pytest.raises(sncosmo_data.ModelDataError, match="salt2_template_1.dat"):
+        va._download_model_data("gs://b/p", "ztf", None, broken)
