@@ -949,11 +949,16 @@ def run(argv: list[str] | None = None, *, wait: bool | None = None):
         # ReadFromPubSub / WriteToPubSub on the DirectRunner build their own clients: the emulator env
         os.environ.update(endpoints.env(inst.project))
     else:
+        from pgbctl.science.sncosmo_data import ModelDataError
+
+        if not model_data.startswith("gs://"):
+            raise ModelDataError(f"--sncosmo-data {model_data!r}: Dataflow workers cannot read a local directory; "
+                                 "give gs://bucket/prefix (default: the instance's sncosmo bucket)")
         from google.cloud import storage
 
         client = storage.Client(project=inst.project)
         local = default_model_data("local", inst)
-        if model_data.startswith("gs://") and local:
+        if local:
             staged = stage_model_data(local, model_data, inst.survey, cfg, client)
             if staged:
                 log.info("staged %d SALT2 model file(s) to %s", len(staged), model_data)

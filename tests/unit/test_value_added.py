@@ -403,6 +403,8 @@ def test_missing_model_stops_the_job_at_start(tmp_path, monkeypatch):
                     "--sncosmo-data", str(empty)])
         assert va.main(["--survey", "ztf", "--project", "pgbctl-local", "--backend", "local",
                         "--sncosmo-data", str(empty)]) == 2
+        with pytest.raises(sncosmo_data.ModelDataError, match="Dataflow workers cannot read a local directory"):
+            va.run(["--survey", "ztf", "--project", "my-project", "--backend", "gcp", "--sncosmo-data", str(empty)])
     finally:
         sncosmo_data.reset_cache()
 
