@@ -58,7 +58,7 @@ import re
 import sys
 import tempfile
 import threading
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
