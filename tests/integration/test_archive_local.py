@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from pgbctl import archive, codec, procstatus, schemamap, synth
 from pgbctl.paths import REPO_ROOT, shared_data_dir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration,
+              pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated")]
 
 SMAP = schemamap.load("ztf")
 TOPIC = "ztf_20260102_programid1"
