@@ -216,20 +216,28 @@ def log_tail(log: Path | str, n: int = 30) -> str:
 # --------------------------------------------------------------------------- ports
 
 
-def free_port(preferred: int | None = None) -> int:
+def free_port(preferred: int | None = None, wait: float = 3.0) -> int:
     """A free TCP port on 127.0.0.1 (``preferred`` if it is free).
 
     The ``preferred`` probe uses SO_REUSEADDR, as the servers themselves do (Go, Java,
     uvicorn), so a port whose old connections linger in TIME_WAIT after a restart is
-    reused -- keeping a restarted service at the address clients already know."""
+    reused -- keeping a restarted service at the address clients already know.  Right after
+    the old server died its port can refuse a bind for a moment (measured: ~0.1 s, while the
+    kernel tears down the dead server's connections): the probe is retried for up to
+    ``wait`` seconds before another port is taken."""
     if preferred:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
+        deadline = time.monotonic() + wait
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", preferred))
+                    return preferred
+                except OSError:
+                    pass
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
