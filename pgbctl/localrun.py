@@ -4,23 +4,26 @@
 
 Modes
 -----
-``fast`` (default): a long-running micro-batch executor. One thread pulls up to ``--batch``
-messages from the job's subscription and runs them through the job's DoFns in-process
+``fast`` (default): a long-running micro-batch executor. One thread pulls what is waiting in
+the job's subscription and runs it through the job's DoFns in-process
 (``DoFn.setup/process``: :class:`beam_jobs.common.DecodeAlert`,
-:class:`beam_jobs.bq_sink.MakeRows` -- the same code Dataflow runs); the main thread writes
-the previous batch meanwhile: it drops duplicates (in the batch, and source ids already in
-each table -- one warehouse query per batch), inserts each table's rows with one streaming
-insert (``insert_rows_json``, insert ids = source ids), writes dead letters
+:class:`beam_jobs.bq_sink.MakeRows` -- the same code Dataflow runs), merging the result into
+one pending batch; the main thread takes the whole pending batch whenever it is free and
+writes it: it drops duplicates (in the batch, and source ids already in each table -- one
+warehouse query per batch), appends each table's rows (a Parquet load job, or streaming
+inserts with insert ids = source ids), writes dead letters
 (:class:`beam_jobs.common.WriteDeadLetters`), and only then acknowledges the batch
 (at-least-once delivery + dedup against the tables = each alert's rows exactly once, across
 restarts too). A warehouse error leaves the batch unacknowledged (redelivered later).
+Batches grow with the backlog up to ``--batch`` (the warehouse's cost per row halves from
+~250 to 1000 rows per batch); at low rates a message waits about one write (~0.3 s).
 
 ``direct``: the job's Beam pipeline (:func:`beam_jobs.bq_sink.run`) on the streaming
 bundle-based DirectRunner -- the exact Dataflow graph, slow (its Pub/Sub source pulls 10
 messages per bundle and acknowledges them before processing: at-most-once if it dies).
 
 Both stop cleanly on SIGTERM/SIGINT: ``fast`` finishes and acknowledges the batch it is
-writing and hands back (nacks) a batch pulled but not yet written; ``direct`` cancels the
+writing and hands back (nacks) what was pulled but not yet written; ``direct`` cancels the
 pipeline. Counts are logged to stderr every ``--log-every`` seconds and a final JSON summary
 line is printed on stdout.
 """
@@ -31,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -166,6 +168,13 @@ class Prepared:
     dead: list[dict]
     n_in: int
     in_batch_duplicates: int = 0
+
+    def merge(self, other: "Prepared") -> "Prepared":
+        """This batch and ``other`` as one (a source id in both counts as an in-batch duplicate)."""
+        dups = sum(1 for sid in other.rows if sid in self.rows)
+        rows = {**other.rows, **self.rows}  # the first seen wins, as within one batch
+        return Prepared(self.ack_ids + other.ack_ids, rows, self.dead + other.dead, self.n_in + other.n_in,
+                        self.in_batch_duplicates + other.in_batch_duplicates + dups)
 
 
 class BqSinkExecutor:
@@ -415,73 +424,54 @@ class BqSinkExecutor:
 
     def run(self, stop: threading.Event, *, exit_when_idle: float | None = None, log_every: float = 10.0,
             max_messages: int | None = None, status_file: str | None = None) -> dict:
-        """Pull, prepare and write in three threads (pull -> DoFns -> warehouse + ack), one
-        batch in each stage at most, until ``stop`` (or idle / ``max_messages``). Returns
-        the final counts. Batches not written when stopping are handed back (nacked)."""
+        """Until ``stop`` (or idle / ``max_messages``): one thread pulls and runs the DoFns,
+        merging what it prepares into one pending batch; the main thread takes the whole
+        pending batch whenever it is free and writes it (warehouse, dead letters, ack).
+
+        So the writer never waits behind a stale batch (latency ~ one write at low rates) and
+        batches grow with the backlog, up to ``batch`` messages (the warehouse's cost per row
+        falls with the batch size: one load job and one dedup query per batch). Returns the
+        final counts; what was pulled but not written when stopping is handed back (nacked)."""
         from pgbctl import procstatus
 
-        pulled: queue.Queue = queue.Queue(maxsize=1)
-        prepared: queue.Queue = queue.Queue(maxsize=1)
+        cond = threading.Condition()
+        box: dict[str, Prepared | None] = {"pending": None}
         stages_stop = threading.Event()
         errors: list[BaseException] = []
 
-        def hand_over(q: queue.Queue, item, ack_ids: list[str]) -> bool:
-            while True:  # keep an eye on the stop flag
-                try:
-                    q.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    if stages_stop.is_set():
-                        self.nack(ack_ids)
-                        self._settled(len(ack_ids))
-                        return False
+        def pending_n() -> int:
+            p = box["pending"]
+            return p.n_in if p is not None else 0
 
         def puller():
-            # While the next stage is busy, keep pulling into the pending batch (up to
-            # ``batch``): batches grow with the backlog, and the warehouse's cost per row
-            # falls with the batch size (one load job and one dedup query per batch).
-            pending: list = []
             try:
                 while not stages_stop.is_set():
-                    if len(pending) < self.batch:
-                        got = pull_batch(self.clients.subscriber, self.subscription, self.batch - len(pending),
-                                         stages_stop, self.max_wait if not pending else 0.05)
-                        if got:
-                            if self.counts.first_message is None:
-                                self.counts.first_message = time.monotonic()
-                            self._pulled(len(got))
-                            pending += got
-                    if not pending:
+                    with cond:
+                        while pending_n() >= self.batch and not stages_stop.is_set():
+                            cond.wait(0.2)  # the writer is behind: let it catch up
+                        room = self.batch - pending_n()
+                        waiting = pending_n() > 0
+                    if stages_stop.is_set():
+                        return
+                    got = pull_batch(self.clients.subscriber, self.subscription, room, stages_stop,
+                                     0.05 if waiting else self.max_wait)
+                    if not got:
                         continue
-                    try:
-                        pulled.put(pending, timeout=0.05 if len(pending) < self.batch else 0.2)
-                        pending = []
-                    except queue.Full:
-                        continue
+                    if self.counts.first_message is None:
+                        self.counts.first_message = time.monotonic()
+                    self._pulled(len(got))
+                    prep = self.prepare(got)
+                    with cond:
+                        p = box["pending"]
+                        box["pending"] = prep if p is None else p.merge(prep)
+                        cond.notify_all()
             except BaseException as e:  # noqa: BLE001 - reported by the main loop
                 errors.append(e)
-            finally:
-                if pending:  # pulled, never handed over: back to the subscription
-                    self.nack([rm.ack_id for rm in pending])
-                    self._settled(len(pending))
+                with cond:
+                    cond.notify_all()
 
-        def preparer():
-            try:
-                while not stages_stop.is_set():
-                    try:
-                        received = pulled.get(timeout=0.2)
-                    except queue.Empty:
-                        continue
-                    prep = self.prepare(received)
-                    if not hand_over(prepared, prep, prep.ack_ids):
-                        return
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=puller, name="bq-sink-pull", daemon=True),
-                   threading.Thread(target=preparer, name="bq-sink-prepare", daemon=True)]
-        for t in threads:
-            t.start()
+        t = threading.Thread(target=puller, name="bq-sink-pull", daemon=True)
+        t.start()
         status = procstatus.StatusWriter("bq-sink", self.status, status_file).start()
         last_log = time.monotonic()
         last_data = time.monotonic()
@@ -490,10 +480,11 @@ class BqSinkExecutor:
             while not stop.is_set():
                 if errors:
                     raise errors[0]
-                try:
-                    prep = prepared.get(timeout=0.2)
-                except queue.Empty:
-                    prep = None
+                with cond:
+                    if box["pending"] is None:
+                        cond.wait(0.2)
+                    prep, box["pending"] = box["pending"], None
+                    cond.notify_all()
                 now = time.monotonic()
                 if prep is not None:
                     try:
@@ -518,18 +509,15 @@ class BqSinkExecutor:
                     last_log = now
         finally:
             stages_stop.set()
-            for t in threads:
-                t.join(timeout=35)
-            # batches pulled or prepared but not written go back to the subscription
-            for q in (pulled, prepared):
-                try:
-                    while True:
-                        item = q.get_nowait()
-                        ids = item.ack_ids if isinstance(item, Prepared) else [rm.ack_id for rm in item]
-                        self.nack(ids)
-                        self._settled(len(ids))
-                except queue.Empty:
-                    pass
+            with cond:
+                cond.notify_all()
+            t.join(timeout=35)
+            # pulled and prepared but not written: back to the subscription
+            with cond:
+                prep, box["pending"] = box["pending"], None
+            if prep is not None:
+                self.nack(prep.ack_ids)
+                self._settled(len(prep.ack_ids))
             self.dead_letters.teardown()
             status.stop()
         return self.counts.as_dict()

@@ -298,3 +298,11 @@ def test_arrow_schema_matches_tables():
     tbl = pa.Table.from_pylist([validate_row(row, SCHEMAS["DIASource"])[0]],
                                schema=localrun.arrow_schema(SCHEMAS["DIASource"]))
     assert tbl.num_rows == 1
+
+
+def test_prepared_batches_merge_and_count_duplicates():
+    a = localrun.Prepared(["a1", "a2"], {1: {"t": "first"}, 2: {}}, [{"dl": 1}], 3, 1)
+    b = localrun.Prepared(["b1", "b2"], {2: {"t": "again"}, 3: {}}, [], 2)
+    m = a.merge(b)
+    assert m.ack_ids == ["a1", "a2", "b1", "b2"] and m.n_in == 5 and m.dead == [{"dl": 1}]
+    assert sorted(m.rows) == [1, 2, 3] and m.rows[2] == {} and m.in_batch_duplicates == 2
