@@ -272,7 +272,9 @@ class StateDir:
         return self.root / f"{name}.log"
 
     def names(self) -> list[str]:
-        return sorted({p.stem for p in self.root.glob("*.json")} | {p.stem for p in self.root.glob("*.pid")})
+        # only "<name>.json"/"<name>.pid": a supervisor's "<name>.supervise.json" is not a process
+        return sorted({p.stem for p in self.root.glob("*.json") if "." not in p.stem}
+                      | {p.stem for p in self.root.glob("*.pid") if "." not in p.stem})
 
     def read(self, name: str) -> ProcRecord | None:
         """The record, or None.  A pid file without (readable) JSON yields a minimal record

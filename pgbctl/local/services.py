@@ -644,7 +644,7 @@ def endpoints(home: str | Path | None = None, *, project: str | None = None) -> 
 
 # =========================================================================== our own processes
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")  # no ".": "<name>.supervise.json" is the supervisor's
 _SUPERVISE = str(Path(__file__).with_name("supervise.py"))
 
 

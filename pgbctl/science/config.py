@@ -167,6 +167,7 @@ class Salt2Config(_Base):
     # --- quality gate (on detections) ---
     min_snr: float = 5.0  # max S/N over detections >= this
     min_detections: int = 5  # number of detections >= this
+    min_dof: int = 1  # detections - 5 fitted parameters >= this (0: no such check)
     # --- model ---
     model_name: str = "salt2"
     model_version: str = "2.4"
@@ -196,6 +197,8 @@ class Salt2Config(_Base):
         object.__setattr__(self, "z_starts", tuple(float(f) for f in self.z_starts))
         if self.coarse_spacing < 0:
             raise ConfigError("Salt2Config.coarse_spacing must be >= 0")
+        if self.min_dof < 0:
+            raise ConfigError("Salt2Config.min_dof must be >= 0")
         if self.min_detections < 1 or self.maxcall < 10 or self.strategy not in (0, 1, 2):
             raise ConfigError("Salt2Config: min_detections >= 1, maxcall >= 10, strategy 0-2")
 

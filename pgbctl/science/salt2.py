@@ -213,10 +213,17 @@ def prepare(alert: Mapping, smap: Any):
     return as_table(codec.light_curve(alert, smap))
 
 
-def quality_gate(lc: Any, cfg: Salt2Config | ScienceConfig | None = None) -> FilterResult:
-    """Max S/N >= ``min_snr`` and at least ``min_detections`` detections.
+#: Parameters every fit varies: z, t0, x0, x1, c.
+N_FIT_PARAMS = 5
 
-    Reasons: ``few_detections``, ``snr_low``, ``bad_lightcurve`` (unreadable input)."""
+
+def quality_gate(lc: Any, cfg: Salt2Config | ScienceConfig | None = None) -> FilterResult:
+    """Max S/N >= ``min_snr``, at least ``min_detections`` detections, and at least ``min_dof``
+    degrees of freedom over the fitted parameters (z, t0, x0, x1, c): with the defaults a
+    5-point light curve passes ``min_detections`` but has no degree of freedom, and such a
+    fit cannot succeed.
+
+    Reasons: ``few_detections``, ``no_dof``, ``snr_low``, ``bad_lightcurve`` (unreadable input)."""
     c = _s2cfg(cfg)
     try:
         d = _to_lc(lc)
@@ -225,6 +232,8 @@ def quality_gate(lc: Any, cfg: Salt2Config | ScienceConfig | None = None) -> Fil
     reasons = []
     if len(d) < c.min_detections:
         reasons.append("few_detections")
+    elif c.min_dof > 0 and len(d) - N_FIT_PARAMS < c.min_dof:
+        reasons.append("no_dof")
     if len(d) == 0 or not np.max(d.flux / d.fluxerr) >= c.min_snr:
         reasons.append("snr_low")
     return FilterResult(not reasons, reasons)

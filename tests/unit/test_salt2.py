@@ -167,8 +167,9 @@ def _lc(n, snr_max=20.0):
 
 @pytest.mark.parametrize(
     "n,snr,passed,reasons",
-    [(5, 5.0, True, []), (6, 5.01, True, []), (4, 20.0, False, ["few_detections"]),
-     (5, 4.99, False, ["snr_low"]), (2, 3.0, False, ["few_detections", "snr_low"])],
+    [(6, 5.0, True, []), (7, 5.01, True, []), (4, 20.0, False, ["few_detections"]),
+     (6, 4.99, False, ["snr_low"]), (2, 3.0, False, ["few_detections", "snr_low"]),
+     (5, 20.0, False, ["no_dof"]), (5, 4.99, False, ["no_dof", "snr_low"])],
 )
 def test_quality_gate(n, snr, passed, reasons):
     g = salt2.quality_gate(_lc(n, snr), CFG)
@@ -181,7 +182,8 @@ def test_quality_gate_ignores_non_detections():
     d["detected"] = np.isfinite(d["flux"])
     d["flux"][1] = np.nan
     assert salt2.quality_gate(d, CFG).reasons == ["few_detections"]
-    assert salt2.quality_gate(d, CFG.replace(min_detections=4)).passed
+    assert salt2.quality_gate(d, CFG.replace(min_detections=4)).reasons == ["no_dof"]
+    assert salt2.quality_gate(d, CFG.replace(min_detections=4, min_dof=0)).passed
 
 
 # ---- failures never raise per alert --------------------------------------------------------------

@@ -293,7 +293,7 @@ def test_failed_fit_is_counted_and_never_raises(caplog):
     from pgbctl.science.config import ScienceConfig
 
     cfg = ScienceConfig.default().for_survey("ztf")
-    cfg = cfg.replace(salt2=cfg.salt2.replace(min_detections=1, min_snr=0.0))
+    cfg = cfg.replace(salt2=cfg.salt2.replace(min_detections=1, min_dof=0, min_snr=0.0))
     a = _alert(synth.generate(1, seed=4, kind="sn")[0])  # one detection: nothing to fit
     fitted = _drive(va.FitSalt2("ztf", cfg), [a])
     assert not fitted["rejected"] and len(fitted["main"]) == 1
