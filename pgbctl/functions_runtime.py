@@ -210,6 +210,7 @@ def serve(function: str, subscription_path: str, *, workers: int = 4, batch: int
     log.info("serving %s from %s (%d workers)", function, subscription_path, workers)
     pool = ThreadPoolExecutor(workers, thread_name_prefix=function)
     last_log = time.monotonic()
+    last_pull_warning = -1e9
     try:
         while not stop.is_set():
             flush()
@@ -226,8 +227,12 @@ def serve(function: str, subscription_path: str, *, workers: int = 4, batch: int
                 # whole ack deadline)
                 resp = sub.pull(request={"subscription": subscription_path, "max_messages": min(batch, room),
                                          "return_immediately": True}, timeout=30)
-            except Exception as e:  # noqa: BLE001 - emulator restarting: retry
-                log.warning("pull failed: %s", e)
+            except Exception as e:  # noqa: BLE001 - emulator restarting, subscription re-created: retry
+                now = time.monotonic()
+                if now - last_pull_warning > 60:  # not once a second for hours
+                    log.warning("pull failed (retrying every second, next warning in 60 s): %s",
+                                " ".join(str(e).split())[:300])
+                    last_pull_warning = now
                 stop.wait(1)
                 continue
             msgs = list(resp.received_messages)

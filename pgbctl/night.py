@@ -22,6 +22,7 @@ status file, or from the JSON summary line it prints last.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,8 @@ from typing import Callable, Iterable, Mapping
 
 from pgbctl import naming
 from pgbctl.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Component", "COMPONENTS", "ProcessSpec", "NightError", "available_jobs", "default_jobs",
            "parse_jobs", "night_processes", "start", "end", "running", "QUIET_SECONDS"]
@@ -323,15 +326,30 @@ def drain(procs: dict[str, dict], count_waiting: Callable[[str], int | None], *,
     subs = sorted({p["subscription"] for p in procs.values() if p.get("subscription")})
     streak = 0
     waiting: dict[str, int | None] = {}
+    missing: list[str] = []
+
+    def count(s: str) -> int | None:
+        """Waiting messages, or None when they cannot be counted (a missing subscription --
+        e.g. the Pub/Sub emulator restarted and lost the instance -- cannot drain)."""
+        try:
+            return count_waiting(s)
+        except Exception as e:  # noqa: BLE001 - reported in the result, never a traceback
+            if s not in missing:
+                missing.append(s)
+            log.warning("cannot count %s: %s", s, " ".join(str(e).split())[:200])
+            return None
+
     while True:
         dead = sorted(set(procs) - alive()) if alive is not None else []
         if dead:
-            waiting = {s: count_waiting(s) for s in subs}
+            waiting = {s: count(s) for s in subs}
             return False, waiting, time.monotonic() - t0, f"not running any more: {', '.join(dead)}"
         busy = [n for n, p in procs.items() if p.get("status_file")
                 and not _idle(procstatus.read(p["status_file"]), quiet)]
         if not busy:
-            waiting = {s: count_waiting(s) for s in subs}
+            waiting = {s: count(s) for s in subs}
+            if missing:
+                return False, waiting, time.monotonic() - t0, f"cannot count {', '.join(missing)} (does it exist?)"
             left = {s: n for s, n in waiting.items() if n}
             if not left:
                 streak += 1
@@ -345,7 +363,7 @@ def drain(procs: dict[str, dict], count_waiting: Callable[[str], int | None], *,
             msg = f"busy: {', '.join(busy)}"
         if time.monotonic() > deadline:
             if busy:
-                waiting = {s: count_waiting(s) for s in subs}
+                waiting = {s: count(s) for s in subs}
             why = f"still busy: {', '.join(busy)}" if busy else "messages still waiting"
             return False, waiting, time.monotonic() - t0, f"not drained within {timeout:.0f}s ({why})"
         if on_progress:
