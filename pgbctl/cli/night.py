@@ -146,8 +146,10 @@ def start(
         t0 = time.monotonic()
         with err.status(f"starting the night of {inst.label}") if not out.json else _null():
             results = nightlib.start(specs)
-    except (BackendError, nightlib.NightError) as e:
-        msg = str(e)
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line for the user (the tail of a log with -v)
+        msg = str(e) if isinstance(e, (BackendError, nightlib.NightError)) else f"{type(e).__name__}: {e}"
         first, _, rest = msg.partition("\n")
         if rest and o.verbose:
             err.print(rest)
@@ -203,8 +205,9 @@ def end(
         if sp is not None:
             sp.__enter__()
         res = nightlib.end(inst, be.count_waiting, timeout=timeout, drain_first=not no_drain, on_progress=progress)
-    except BackendError as e:
-        raise out.fail(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        msg = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
+        raise out.fail(msg.splitlines()[0] if msg else type(e).__name__) from None
     finally:
         if sp is not None:
             sp.__exit__(None, None, None)
