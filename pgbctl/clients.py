@@ -273,3 +273,26 @@ class Clients:
     def __repr__(self) -> str:
         where = f", endpoints={self.endpoints!r}" if self.endpoints else ""
         return f"Clients(backend={self.backend!r}, project={self._project!r}{where})"
+
+
+# ---------------------------------------------------------------------- acknowledgement helpers
+
+
+def ack_all(subscriber, subscription: str, ack_ids: list[str], chunk: int = 500) -> None:
+    """Acknowledge ``ack_ids`` in requests of at most ``chunk`` ids."""
+    for i in range(0, len(ack_ids), chunk):
+        subscriber.acknowledge(request={"subscription": subscription, "ack_ids": ack_ids[i : i + chunk]})
+
+
+def nack_all(subscriber, subscription: str, ack_ids: list[str], chunk: int = 500) -> None:
+    """Hand messages back now (ack deadline 0). Failures are only logged: the messages come
+    back after their ack deadline anyway."""
+    import logging
+
+    for i in range(0, len(ack_ids), chunk):
+        try:
+            subscriber.modify_ack_deadline(request={"subscription": subscription, "ack_ids": ack_ids[i : i + chunk],
+                                                    "ack_deadline_seconds": 0})
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger("pgbctl.clients").warning(
+                "nack failed (%s); messages return after their ack deadline", e)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgbctl import naming
+from pgbctl.clients import ack_all, nack_all
 
 log = logging.getLogger("pgbctl.localrun_value_added")
 
@@ -547,17 +548,10 @@ class ValueAddedExecutor:
         c.last_write = time.monotonic()
 
     def ack(self, ack_ids: list[str]) -> None:
-        for i in range(0, len(ack_ids), 500):
-            self.clients.subscriber.acknowledge(request={"subscription": self.subscription,
-                                                         "ack_ids": ack_ids[i:i + 500]})
+        ack_all(self.clients.subscriber, self.subscription, ack_ids)
 
     def nack(self, ack_ids: list[str]) -> None:
-        for i in range(0, len(ack_ids), 500):
-            try:
-                self.clients.subscriber.modify_ack_deadline(request={
-                    "subscription": self.subscription, "ack_ids": ack_ids[i:i + 500], "ack_deadline_seconds": 0})
-            except Exception as e:  # noqa: BLE001 - they come back after the ack deadline anyway
-                log.warning("nack failed (%s); messages return after their ack deadline", e)
+        nack_all(self.clients.subscriber, self.subscription, ack_ids)
 
     def _holding(self) -> bool:
         with self._held_lock:

@@ -323,11 +323,10 @@ def from_subscription(subscriber, subscription_path: str, *, batch: int = 100,
         with lock:
             a, acks[:] = list(acks), []
             n, nacks[:] = list(nacks), []
-        for i in range(0, len(a), 1000):
-            subscriber.acknowledge(request={"subscription": subscription_path, "ack_ids": a[i : i + 1000]})
-        for i in range(0, len(n), 1000):
-            subscriber.modify_ack_deadline(request={"subscription": subscription_path,
-                                                    "ack_ids": n[i : i + 1000], "ack_deadline_seconds": 0})
+        from pgbctl.clients import ack_all, nack_all
+
+        ack_all(subscriber, subscription_path, a, chunk=1000)
+        nack_all(subscriber, subscription_path, n, chunk=1000)
 
     idle_since = time.monotonic()
     try:
