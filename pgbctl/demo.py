@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pgbctl import paths
 
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     _pgbctl(["create", *inst, "--yes"])
     night = _has_night()
     if night:
-        _pgbctl(["night", "start", *inst, "--kafka-topic", "NONE"])
+        jobs = [] if _salt2_model_available() else ["--jobs", "bq-sink"]
+        if jobs:
+            print("demo: no SALT2 model files (SNCOSMO_DATA_DIR or ../shared/data/sncosmo): "
+                  "running the night without the value-added job", file=sys.stderr)
+        _pgbctl(["night", "start", *inst, "--kafka-topic", "NONE", *jobs])
     else:
         print("demo: `pgbctl night` is not available in this version; alerts stay in the topic", file=sys.stderr)
     published = 0
@@ -62,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         r = _pgbctl(["simulate", *inst, "--synthetic", "--seed", str(a.seed), "--count", str(a.synthetic),
                      "--rate", a.rate, "--json"], capture=True)
         published += json.loads(r.stdout)["published"]
-    real = paths.shared_data_dir() / a.survey / "alerts"
-    if real.is_dir() and any(real.glob("*.avro")):
+    shared = paths.shared_data_dir()
+    real = shared / a.survey / "alerts" if shared else None
+    if real is not None and real.is_dir() and any(real.glob("*.avro")):
         r = _pgbctl(["simulate", *inst, "--from-dir", str(real), "--rate", "max", "--json"], capture=True)
         published += json.loads(r.stdout)["published"]
     else:
-        print(f"demo: no real alerts at {real}; synthetic only", file=sys.stderr)
+        print(f"demo: no real alerts ({real or 'no ../shared/data'}); synthetic only", file=sys.stderr)
     if night:
         _pgbctl(["night", "end", *inst])
     _pgbctl(["status", *inst])
@@ -75,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
           f"Try: pgbctl query --testid {a.testid} \"SELECT objectId, candid FROM alerts LIMIT 5\"; "
           f"stop everything with: pgbctl local down", file=sys.stderr)
     return 0
+
+
+def _salt2_model_available() -> bool:
+    from pgbctl.science.sncosmo_data import missing_files
+
+    shared = paths.shared_data_dir()
+    root = os.environ.get("SNCOSMO_DATA_DIR") or (str(shared / "sncosmo") if shared else None)
+    return bool(root) and not missing_files(Path(root))
 
 
 def _has_night() -> bool:
