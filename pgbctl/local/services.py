@@ -72,7 +72,10 @@ def _default_pubsub_heap() -> str:
     except (ValueError, OSError):
         ram = 4 << 30
     gib = max(1, min(8, ram // (4 << 30)))
-    return f"-Xmx{gib}g -XX:+ExitOnOutOfMemoryError"
+    # Serial GC and the C1 JIT only: on a 2-core machine the default parallel GC threads and
+    # C2 compilation cost the emulator ~3x the CPU per message (bench e2e: 6 -> 2 CPU-s per
+    # 1000 alerts), CPU the rest of the local broker needs.
+    return f"-Xmx{gib}g -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:+ExitOnOutOfMemoryError"
 
 
 DEFAULT_PUBSUB_JAVA_OPTS = _default_pubsub_heap()
