@@ -335,14 +335,12 @@ def dead_letter_object_name(dl: dict) -> str:
     return f"{stage}/{_SAFE.sub('_', dl.get('table') or 'row')}/{_SAFE.sub('_', str(key))}.json"
 
 
-class WriteDeadLetters(beam.DoFn):
-    """Store dead letters in the ``dead_letter`` bucket and announce them on the
-    ``dead_letter`` topic (see the module docstring). Storage or Pub/Sub errors raise (the
-    bundle is retried); a dead letter already stored is not published again.
+class ClientsDoFn(beam.DoFn):
+    """A DoFn that talks to the instance's Pub/Sub / Storage through :class:`pgbctl.clients.Clients`.
 
-    ``clients`` (a :class:`pgbctl.clients.Clients`) may be given directly when the DoFn is
-    driven in-process (the local executor); in a pipeline they are built in :meth:`setup`
-    from ``backend``/``endpoints``.
+    ``clients`` may be given directly when the DoFn is driven in-process (the local
+    executors); in a pipeline they are built in :meth:`setup` from ``backend``/``endpoints``
+    (never pickled) and closed in :meth:`teardown`.
     """
 
     def __init__(self, inst: naming.Instance, backend: str, endpoints: Any = None, clients: Any = None):
@@ -351,7 +349,6 @@ class WriteDeadLetters(beam.DoFn):
         self.endpoints = endpoints
         self._clients = clients
         self._own_clients = clients is None
-        self.count = Metrics.counter("dead_letters", "written")
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -365,6 +362,27 @@ class WriteDeadLetters(beam.DoFn):
 
             self._clients = Clients.for_backend(self.backend, self.inst.project, self.endpoints)
             self._own_clients = True
+
+    def teardown(self):
+        if self._own_clients and self._clients is not None:
+            self._clients.close()
+            self._clients = None
+
+
+class WriteDeadLetters(ClientsDoFn):
+    """Store dead letters in the ``dead_letter`` bucket and announce them on the
+    ``dead_letter`` topic (see the module docstring). Storage or Pub/Sub errors raise (the
+    bundle is retried); a dead letter already stored is not published again.
+
+    Clients: see :class:`ClientsDoFn`.
+    """
+
+    def __init__(self, inst: naming.Instance, backend: str, endpoints: Any = None, clients: Any = None):
+        super().__init__(inst, backend, endpoints, clients)
+        self.count = Metrics.counter("dead_letters", "written")
+
+    def setup(self):
+        super().setup()
         self._bucket = self._clients.storage.bucket(self.inst.bucket("dead_letter"))
         self._topic = self._clients.topic_path(self.inst.topic("dead_letter"))
 
@@ -402,11 +420,6 @@ class WriteDeadLetters(beam.DoFn):
         finish_dead_letters(pending)
         self.count.inc(len(dls))
         return names
-
-    def teardown(self):
-        if self._own_clients and self._clients is not None:
-            self._clients.close()
-            self._clients = None
 
 
 # =============================================================================================

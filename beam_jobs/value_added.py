@@ -65,6 +65,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from beam_jobs.common import (
+    ClientsDoFn,
     DEAD_LETTER,
     DecodeAlert,
     Decoded,
@@ -631,32 +632,18 @@ class Salt2Outputs(beam.DoFn):
             plotter.close()
 
 
-class UploadFigures(beam.DoFn):
+class UploadFigures(ClientsDoFn):
     """``(object name, png bytes)`` -> the ``sncosmo`` bucket (overwrites: a redelivered
     alert re-writes the same object). Storage errors raise (the bundle is retried)."""
 
     def __init__(self, inst: naming.Instance, backend: str, endpoints: Any = None, clients: Any = None,
                  retry_timeout: float | None = None):
-        self.inst = inst
-        self.backend = backend
-        self.endpoints = endpoints
-        self._clients = clients
-        self._own_clients = clients is None
+        super().__init__(inst, backend, endpoints, clients)
         self.retry_timeout = retry_timeout  # None: google-cloud-storage's default (120 s)
         self.count = Metrics.counter(STAGE, "figures_uploaded")
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_clients"] = None
-        d["_own_clients"] = True
-        return d
-
     def setup(self):
-        if self._clients is None:
-            from pgbctl.clients import Clients
-
-            self._clients = Clients.for_backend(self.backend, self.inst.project, self.endpoints)
-            self._own_clients = True
+        super().setup()
         self._bucket = self._clients.storage.bucket(self.inst.bucket(FIGURE_BUCKET))
 
     def upload(self, name: str, png: bytes) -> None:
@@ -672,11 +659,6 @@ class UploadFigures(beam.DoFn):
         name, png = fig
         self.upload(name, png)
         yield name
-
-    def teardown(self):
-        if self._own_clients and self._clients is not None:
-            self._clients.close()
-            self._clients = None
 
 
 def _source_id_kv(a: Alert):
