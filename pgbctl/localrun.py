@@ -121,9 +121,10 @@ def arrow_schema(fields: list[dict]):
 
 
 @dataclass
-class Counts:
+class BatchCounts:
+    """What every micro-batch executor counts; subclasses add their outputs."""
+
     messages: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     dead_letters: int = 0
     batches: int = 0
@@ -132,20 +133,26 @@ class Counts:
     first_message: float | None = None
     last_write: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
+    def common(self) -> dict[str, Any]:
+        """The shared counters and rates (``in`` goes first in each executor's dict)."""
         busy = (self.last_write - self.first_message) if (self.first_message and self.last_write) else 0.0
         return {
-            "in": self.messages,
-            **{f"rows_{t}": n for t, n in self.rows.items()},
             "duplicates": self.duplicates,
             "dead_letters": self.dead_letters,
             "batches": self.batches,
             "failed_batches": self.failed_batches,
-            "seconds": round(now - self.started, 2),
+            "seconds": round(time.monotonic() - self.started, 2),
             "busy_seconds": round(busy, 2),
             "alerts_per_s": round(self.messages / busy, 1) if busy > 0 else None,
         }
+
+
+@dataclass
+class Counts(BatchCounts):
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"in": self.messages, **{f"rows_{t}": n for t, n in self.rows.items()}, **self.common()}
 
     def line(self) -> str:
         d = self.as_dict()

@@ -44,6 +44,7 @@ from typing import Any
 
 from pgbctl import naming
 from pgbctl.clients import ack_all, nack_all
+from pgbctl.localrun import BatchCounts
 
 log = logging.getLogger("pgbctl.localrun_value_added")
 
@@ -228,8 +229,7 @@ def _work(items: list[tuple[bytes, dict, str]]) -> list[AlertResult]:
 
 
 @dataclass
-class Counts:
-    messages: int = 0
+class Counts(BatchCounts):
     published: dict[str, int] = field(default_factory=lambda: {t: 0 for t in TOPICS})
     rows_salt2: int = 0
     figures: int = 0
@@ -239,17 +239,8 @@ class Counts:
     plot_failed: int = 0
     fit_seconds: float = 0.0
     rejected: dict[str, Counter] = field(default_factory=lambda: {k: Counter() for k in ("purity", "exgal", "quality")})
-    duplicates: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    failed_batches: int = 0
-    started: float = field(default_factory=time.monotonic)
-    first_message: float | None = None
-    last_write: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
-        busy = (self.last_write - self.first_message) if (self.first_message and self.last_write) else 0.0
         return {
             "in": self.messages,
             **{t: n for t, n in self.published.items()},
@@ -260,13 +251,7 @@ class Counts:
             "fit_failed": self.fit_failed,
             "plot_failed": self.plot_failed,
             "rejected": {k: dict(sorted(v.items())) for k, v in self.rejected.items()},
-            "duplicates": self.duplicates,
-            "dead_letters": self.dead_letters,
-            "batches": self.batches,
-            "failed_batches": self.failed_batches,
-            "seconds": round(now - self.started, 2),
-            "busy_seconds": round(busy, 2),
-            "alerts_per_s": round(self.messages / busy, 1) if busy > 0 else None,
+            **self.common(),
             "ms_per_fit": round(1000 * self.fit_seconds / self.fits, 1) if self.fits else None,
         }
 
