@@ -33,7 +33,6 @@ directly (``pgbctl.functions_runtime`` and ``pgbctl.localrun``) instead of the C
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import subprocess
 import sys

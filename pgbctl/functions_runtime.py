@@ -20,7 +20,6 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from pgbctl import naming
 from pgbctl.paths import FUNCTIONS_DIR

@@ -22,7 +22,7 @@ class GcpBackend(Backend):
 
         try:
             google.auth.default()
-        except GoogleAuthError as e:
+        except GoogleAuthError:
             raise BackendError(
                 f"no Google Cloud credentials for project {self.project!r}: run "
                 "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"

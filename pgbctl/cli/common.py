@@ -168,6 +168,13 @@ class Out:
     def warn(self, msg: str) -> None:
         err.print(f"[yellow]warning:[/yellow] {msg}")
 
+    def spinner(self, msg: str):
+        """A spinner on stderr while something slow happens (``with out.spinner(...) as sp``;
+        ``sp`` is None with --json, else a Rich Status with ``update``)."""
+        import contextlib
+
+        return contextlib.nullcontext() if self.json else err.status(msg)
+
     def fail(self, msg: str, code: int = 1) -> "typer.Exit":
         err.print(f"[red]error:[/red] {msg}")
         return typer.Exit(code)

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
 from pgbctl import broker_files
-from pgbctl.backends import BackendError, get_backend
+from pgbctl.backends import get_backend
 from pgbctl.backends.base import schema_json
 from pgbctl.backends.bqschema import table_schemas
 from pgbctl.cli.common import (

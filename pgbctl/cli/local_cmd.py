@@ -77,7 +77,7 @@ def up(
     names = _services(services)
     t0 = time.monotonic()
     try:
-        with out_status(out, "starting local services"):
+        with out.spinner("starting local services"):
             svc.up(names, project=o.project, timeout=timeout)
     except svc.LocalServicesError as e:
         raise out.fail(str(e).splitlines()[0] + " (see `pgbctl local status` for log paths)")
@@ -112,22 +112,3 @@ def status_(
     """Show each service (state, pid, address, uptime, log) and the supervised processes."""
     o = opts(ctx, json=json_, verbose=verbose)
     Out(o).data(_info(), _render)
-
-
-class out_status:
-    """A spinner on stderr while something slow happens (silent with --json)."""
-
-    def __init__(self, out: Out, msg: str):
-        from pgbctl.cli.common import err
-
-        self._s = None if out.json else err.status(msg)
-
-    def __enter__(self):
-        if self._s:
-            self._s.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._s:
-            self._s.__exit__(*exc)
-        return False

@@ -144,7 +144,7 @@ def start(
         base_env = services.endpoints(project=inst.project).env(inst.project)
         specs = nightlib.night_processes(inst, job_list, home=home, base_env=base_env)
         t0 = time.monotonic()
-        with err.status(f"starting the night of {inst.label}") if not out.json else _null():
+        with out.spinner(f"starting the night of {inst.label}"):
             results = nightlib.start(specs)
     except typer.Exit:
         raise
@@ -200,17 +200,13 @@ def end(
         if sp is not None:
             sp.update(f"ending the night of {inst.label}: {msg}")
 
-    sp = None if out.json else err.status(f"ending the night of {inst.label}")
     try:
-        if sp is not None:
-            sp.__enter__()
-        res = nightlib.end(inst, be.count_waiting, timeout=timeout, drain_first=not no_drain, on_progress=progress)
+        with out.spinner(f"ending the night of {inst.label}") as sp:
+            res = nightlib.end(inst, be.count_waiting, timeout=timeout, drain_first=not no_drain,
+                               on_progress=progress)
     except Exception as e:  # noqa: BLE001 - one line for the user
         msg = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
         raise out.fail(msg.splitlines()[0] if msg else type(e).__name__) from None
-    finally:
-        if sp is not None:
-            sp.__exit__(None, None, None)
     d = {"instance": inst.label, "dry_run": False, **res}
     out.data(d, _render_end)
     if not res["drained"] and not no_drain:
@@ -248,11 +244,3 @@ def status(
                              [[r["name"], r["running"], r["pid"], r["restarts"], r["in_flight"],
                                ", ".join(f"{k}={v}" for k, v in (r["counts"] or {}).items() if v is not None)]
                               for r in d["processes"]]))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
