@@ -18,10 +18,10 @@ import time
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
 from pgbctl import archive, codec, procstatus, schemamap, synth
 from pgbctl.paths import REPO_ROOT, shared_data_dir
+from itest_helpers import cli, pull_all, wait_for
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated")]
@@ -31,46 +31,17 @@ TOPIC = "ztf_20260102_programid1"
 CORRUPT = ("garbage", "truncate", "wrong_schema", "empty")
 
 
-def _cli(*args: str):
-    from pgbctl.cli.main import app
-
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
 @pytest.fixture()
 def instance(local_services):
     from pgbctl import naming
 
     _, endpoints = local_services
     testid = "ar" + uuid.uuid4().hex[:8]
-    code, _, err = _cli("create", "--testid", testid, "--yes")
+    code, _, err = cli("create", "--testid", testid, "--yes")
     assert code == 0, err
     yield naming.Instance("ztf", testid, endpoints.project)
-    code, _, err = _cli("delete", "--testid", testid, "--yes")
+    code, _, err = cli("delete", "--testid", testid, "--yes")
     assert code == 0, err
-
-
-def _pull_all(clients, sub: str) -> list:
-    path = clients.subscription_path(sub)
-    out = []
-    while True:
-        r = clients.subscriber.pull(request={"subscription": path, "max_messages": 1000, "return_immediately": True},
-                                    timeout=30)
-        if not r.received_messages:
-            return out
-        out += r.received_messages
-        clients.subscriber.acknowledge(request={"subscription": path, "ack_ids": [m.ack_id for m in r.received_messages]})
-
-
-def _wait(pred, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    return pred()
 
 
 def test_archive_function_on_emulators(instance, local_services, local_clients, tmp_path):
@@ -96,7 +67,7 @@ def test_archive_function_on_emulators(instance, local_services, local_clients, 
         for f in futures:
             f.result(timeout=60)
         n = len(futures)
-        st = _wait(lambda: (s := procstatus.read(status_file)) and s["counts"]["acked"] == n and s["in_flight"] == 0
+        st = wait_for(lambda: (s := procstatus.read(status_file)) and s["counts"]["acked"] == n and s["in_flight"] == 0
                    and s, timeout=90)
         assert st, f"function did not handle {n} messages: {procstatus.read(status_file)}; stderr: {proc.stderr}"
         counts = st["counts"]
@@ -128,7 +99,7 @@ def test_archive_function_on_emulators(instance, local_services, local_clients, 
         assert codec.decode(data) == want[name][0]
 
     # one OBJECT_FINALIZE notification per object (the duplicate made none)
-    notes = _pull_all(c, inst.subscription("alert_avros-counter"))
+    notes = pull_all(c, inst.subscription("alert_avros-counter"))
     assert sorted(m.message.attributes["objectId"] for m in notes) == sorted(want)
     assert {m.message.attributes["eventType"] for m in notes} == {"OBJECT_FINALIZE"}
 
@@ -139,7 +110,7 @@ def test_archive_function_on_emulators(instance, local_services, local_clients, 
     for b in dl_blobs:
         assert b.name.startswith("upload_bytes_to_bucket/") and b.metadata["reason"] and "\n" not in b.metadata["reason"]
         assert b.metadata["announced"] == "true" and b.metadata["attr.kafka.topic"] == TOPIC
-    recs = [json.loads(m.message.data) for m in _pull_all(c, inst.subscription("dead_letter-counter"))]
+    recs = [json.loads(m.message.data) for m in pull_all(c, inst.subscription("dead_letter-counter"))]
     assert len(recs) == len(bad)
     assert {r["object"] for r in recs} == {f"{inst.bucket('dead_letter')}/{b.name}" for b in dl_blobs}
     assert all(r["stage"] == "upload_bytes_to_bucket" and r["reason"] for r in recs)
@@ -160,12 +131,12 @@ def test_redelivered_message_changes_nothing(instance, local_clients):
     again = archive.handle(data, {"kafka.topic": TOPIC}, "m-1", **kw)
     assert (first.status, again.status, again.name) == ("stored", "exists", first.name)
     assert c.storage.bucket(inst.bucket("alert_avros")).get_blob(first.name).generation == gen
-    notes = _wait(lambda: _pull_all(c, inst.subscription("alert_avros-counter")), timeout=10)
+    notes = wait_for(lambda: pull_all(c, inst.subscription("alert_avros-counter")), timeout=10)
     time.sleep(0.5)
-    notes += _pull_all(c, inst.subscription("alert_avros-counter"))
+    notes += pull_all(c, inst.subscription("alert_avros-counter"))
     assert [m.message.attributes["objectId"] for m in notes] == [first.name]
     # a dead letter redelivered: stored and announced once
     for _ in range(2):
         assert archive.handle(b"\x00junk", {}, "m-2", **kw).status == "dead_letter"
     time.sleep(0.3)
-    assert len(_pull_all(c, inst.subscription("dead_letter-counter"))) == 1
+    assert len(pull_all(c, inst.subscription("dead_letter-counter"))) == 1

@@ -6,20 +6,11 @@ import json
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
-from pgbctl.cli.main import app
 from pgbctl.naming import BUCKETS, SUBSCRIPTIONS, TABLES, TOPICS, Instance
+from itest_helpers import cli
 
 pytestmark = pytest.mark.integration
-
-runner = CliRunner()
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    r = runner.invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
 
 @pytest.fixture()
 def testid(local_services):

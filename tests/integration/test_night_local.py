@@ -15,22 +15,15 @@ import time
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
 from pgbctl import codec, naming, synth
 from pgbctl.paths import shared_data_dir
+from itest_helpers import cli, pull_all
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated")]
 
 N_SYNTHETIC = 300
-
-
-def _cli(*args: str):
-    from pgbctl.cli.main import app
-
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
 
 
 def _count(clients, sub: str) -> int:
@@ -41,26 +34,14 @@ def _count(clients, sub: str) -> int:
     return be.count_waiting(sub)
 
 
-def _pull_all(clients, sub: str) -> list:
-    path = clients.subscription_path(sub)
-    out = []
-    while True:
-        r = clients.subscriber.pull(request={"subscription": path, "max_messages": 1000, "return_immediately": True},
-                                    timeout=30)
-        if not r.received_messages:
-            return out
-        out += r.received_messages
-        clients.subscriber.acknowledge(request={"subscription": path, "ack_ids": [m.ack_id for m in r.received_messages]})
-
-
 @pytest.fixture()
 def testid(local_services):
     t = "nt" + uuid.uuid4().hex[:8]
-    code, _, err = _cli("create", "--testid", t, "--yes")
+    code, _, err = cli("create", "--testid", t, "--yes")
     assert code == 0, err
     yield t
-    _cli("night", "end", "--testid", t, "--no-drain")  # in case the test failed half-way
-    code, _, err = _cli("delete", "--testid", t, "--yes")
+    cli("night", "end", "--testid", t, "--no-drain")  # in case the test failed half-way
+    code, _, err = cli("delete", "--testid", t, "--yes")
     assert code == 0, err
 
 
@@ -70,25 +51,25 @@ def test_full_local_night_reconciles(testid, local_services, local_clients):
     inst = naming.Instance("ztf", testid, endpoints.project)
 
     # --- dry run, then start (twice: idempotent) ------------------------------------------------
-    code, out, err = _cli("night", "start", "--testid", testid, "--jobs", "bq-sink", "--dry-run", "--json")
+    code, out, err = cli("night", "start", "--testid", testid, "--jobs", "bq-sink", "--dry-run", "--json")
     assert code == 0, err
     plan = json.loads(out)
     assert plan["dry_run"] and [p["name"] for p in plan["processes"]] == [
         inst.function("upload_bytes_to_bucket"), inst.beam_job("bq-sink")]
     assert {p["action"] for p in plan["processes"]} == {"would-start"}
-    assert _cli("night", "status", "--testid", testid, "--json")[1].count('"name"') == 0  # nothing started
+    assert cli("night", "status", "--testid", testid, "--json")[1].count('"name"') == 0  # nothing started
 
     t0 = time.monotonic()
-    code, out, err = _cli("night", "start", "--testid", testid, "--jobs", "bq-sink", "--json")
+    code, out, err = cli("night", "start", "--testid", testid, "--jobs", "bq-sink", "--json")
     assert code == 0, err
     started = json.loads(out)
     assert [p["action"] for p in started["processes"]] == ["started", "started"]
     t_start = time.monotonic() - t0
-    code, out, err = _cli("night", "start", "--testid", testid, "--jobs", "bq-sink", "--json")
+    code, out, err = cli("night", "start", "--testid", testid, "--jobs", "bq-sink", "--json")
     assert code == 0, err
     assert [p["action"] for p in json.loads(out)["processes"]] == ["already-running", "already-running"]
     # the instance's status lists them (LocalBackend.processes finds them by name)
-    code, out, err = _cli("status", "--testid", testid, "--json", "--no-count")
+    code, out, err = cli("status", "--testid", testid, "--json", "--no-count")
     assert {p["name"] for p in json.loads(out)["processes"]} == {p["name"] for p in started["processes"]}
 
     # --- publish: real + synthetic, one duplicate, one corrupt packet -------------------------------
@@ -115,7 +96,7 @@ def test_full_local_night_reconciles(testid, local_services, local_clients):
     published = len(futures)
 
     # --- end: drain, stop, final counts --------------------------------------------------------------
-    code, out, err = _cli("night", "end", "--testid", testid, "--timeout", "180", "--json")
+    code, out, err = cli("night", "end", "--testid", testid, "--timeout", "180", "--json")
     t_end = time.monotonic()
     assert code == 0, err
     ended = json.loads(out)
@@ -133,7 +114,7 @@ def test_full_local_night_reconciles(testid, local_services, local_clients):
     objects = [b.name for b in c.storage.list_blobs(inst.bucket("alert_avros"))]
     n_alerts = list(c.bigquery.query(f"SELECT COUNT(*) n, COUNT(DISTINCT candid) d FROM `{inst.table('alerts')}`").result())[0]
     n_dia = list(c.bigquery.query(f"SELECT COUNT(*) n, COUNT(DISTINCT candid) d FROM `{inst.table('DIASource')}`").result())[0]
-    notes = _pull_all(c, inst.subscription("alert_avros-counter"))
+    notes = pull_all(c, inst.subscription("alert_avros-counter"))
     assert len(objects) == len(unique) == n_alerts["n"] == n_alerts["d"] == n_dia["n"] == n_dia["d"]
     assert sorted(m.message.attributes["objectId"] for m in notes) == sorted(objects)
     assert {o.split(".")[1] for o in objects} == {str(k) for k in unique}
@@ -146,25 +127,25 @@ def test_full_local_night_reconciles(testid, local_services, local_clients):
     assert set(dls) == {"upload_bytes_to_bucket", "bq-sink"}
     for b in dls.values():
         assert b.download_as_bytes() == corrupt and "truncated" in b.metadata["reason"]
-    recs = [json.loads(m.message.data) for m in _pull_all(c, inst.subscription("dead_letter-counter"))]
+    recs = [json.loads(m.message.data) for m in pull_all(c, inst.subscription("dead_letter-counter"))]
     assert sorted(r["stage"] for r in recs) == ["bq-sink", "upload_bytes_to_bucket"]
     assert all("truncated" in r["reason"] and r["message_id"] for r in recs)
 
     # --- ending again: nothing to do ------------------------------------------------------------------
-    code, out, err = _cli("night", "end", "--testid", testid, "--json")
+    code, out, err = cli("night", "end", "--testid", testid, "--json")
     assert code == 0 and json.loads(out)["processes"] == [] and "nothing to stop" in err
     print(f"\n[night: start {t_start:.1f}s; {published} messages published -> drained and stopped "
           f"{t_end - t_pub:.1f}s after the first publish]")
 
 
 def test_night_cli_errors(local_services):
-    code, _, err = _cli("night", "start", "--testid", "nosuch", "--jobs", "nope")
+    code, _, err = cli("night", "start", "--testid", "nosuch", "--jobs", "nope")
     assert code == 2 and "unknown job 'nope'" in err
-    code, _, err = _cli("night", "start", "--testid", "nosuch", "--jobs", "bq-sink")
+    code, _, err = cli("night", "start", "--testid", "nosuch", "--jobs", "bq-sink")
     assert code == 1 and "pgbctl create --testid nosuch" in err and "\n" not in err.strip()
-    code, _, err = _cli("night", "start", "--testid", "nosuch", "--kafka-topic", "ztf_20260101_programid1")
+    code, _, err = cli("night", "start", "--testid", "nosuch", "--kafka-topic", "ztf_20260101_programid1")
     assert code == 1 and "--kafka-topic NONE" in err
-    code, _, err = _cli("night", "start", "--testid", "nosuch", "--backend", "gcp")
+    code, _, err = cli("night", "start", "--testid", "nosuch", "--backend", "gcp")
     assert code == 1 and "not yet implemented on gcp" in err
-    code, out, err = _cli("night", "end", "--testid", "nosuch", "--json")
+    code, out, err = cli("night", "end", "--testid", "nosuch", "--json")
     assert code == 0 and json.loads(out)["processes"] == []

@@ -16,6 +16,7 @@ import pytest
 from pgbctl import paths
 from pgbctl.local import services as svc
 from pgbctl.local.procs import pid_alive, proc_stat
+from itest_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +25,6 @@ PY = sys.executable
 
 def _uid() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def _wait(cond, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    return cond()
 
 
 # ----------------------------------------------------------------------------- services
@@ -96,7 +87,7 @@ def test_pubsub_large_messages(local_clients):
     streamed = []
     fut = c.subscriber.subscribe(sub, lambda m: (streamed.append(len(m.data)), m.ack()))
     try:
-        assert _wait(lambda: len(streamed) >= n, timeout=20), len(streamed)
+        assert wait_for(lambda: len(streamed) >= n, timeout=20), len(streamed)
     finally:
         fut.cancel()
         try:
@@ -136,7 +127,7 @@ def test_gcs_notification_reaches_pubsub(local_services, local_clients):
         msgs.extend(r.received_messages)
         return msgs
 
-    assert _wait(pull, timeout=15, step=0.2)
+    assert wait_for(pull, timeout=15, every=0.2)
     a = dict(msgs[0].message.attributes)
     assert a["eventType"] == "OBJECT_FINALIZE"
     assert a["bucketId"] == bucket.name
@@ -248,7 +239,7 @@ def test_supervised_process_lifecycle(tmp_path):
     argv = [PY, "-c", _DRAINER, str(marker)]
     info = svc.start_process("consumer", argv, {"X_TEST": "1"}, home=home)
     assert info.running and info.pid
-    assert _wait(lambda: _READY.search((home / "procs" / "consumer.log").read_text()))
+    assert wait_for(lambda: _READY.search((home / "procs" / "consumer.log").read_text()))
     grandchild = int(_READY.search((home / "procs" / "consumer.log").read_text()).group(1))
     assert svc.start_process("consumer", argv, home=home).pid == info.pid  # idempotent
     with pytest.raises(svc.LocalServicesError):
@@ -265,7 +256,7 @@ def test_stop_kills_process_ignoring_sigterm(tmp_path):
     home = tmp_path / "home"
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ok', flush=True); time.sleep(300)"
     info = svc.start_process("stubborn", [PY, "-c", code], home=home)
-    assert _wait(lambda: "ok" in (home / "procs" / "stubborn.log").read_text())
+    assert wait_for(lambda: "ok" in (home / "procs" / "stubborn.log").read_text())
     t0 = time.monotonic()
     assert svc.stop_process("stubborn", drain_timeout=0.5, home=home)
     assert not pid_alive(info.pid) and time.monotonic() - t0 < 6
@@ -284,7 +275,7 @@ def test_restart_on_crash(tmp_path):
         time.sleep(300)
     """)
     svc.start_process("flaky", [PY, "-c", code], home=home, restart_on_crash=True, max_restarts=3)
-    info = _wait(lambda: (i := svc.list_processes(home)["flaky"]).restarts >= 1 and i.state == "running"
+    info = wait_for(lambda: (i := svc.list_processes(home)["flaky"]).restarts >= 1 and i.state == "running"
                  and counter.read_text() == "2" and i)  # the restarted child has started
     assert info and info.running and info.last_exit == 3
     child = info.child_pid
@@ -322,7 +313,7 @@ def test_up_down_leaves_no_processes(tmp_path):
     cold = time.monotonic() - t0
     assert all(i.healthy for i in st.values())
     svc.start_process("sleeper", [PY, "-c", _DRAINER, str(tmp_path / "m")], home=home)
-    assert _wait(lambda: _READY.search((home / "procs" / "sleeper.log").read_text()))
+    assert wait_for(lambda: _READY.search((home / "procs" / "sleeper.log").read_text()))
     pids = svc.all_pids(home)
     assert len(pids) >= 5  # 3 services + process + its grandchild
     t0 = time.monotonic()

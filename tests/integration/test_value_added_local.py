@@ -15,10 +15,10 @@ import time
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
 from pgbctl import codec, naming, schemamap, synth
 from pgbctl.paths import REPO_ROOT, shared_data_dir
+from itest_helpers import cli
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,21 +32,14 @@ SMAP = schemamap.load("ztf")
 ATTRS = {"objectId", "candid", "ra", "dec", "schemavsn"}
 
 
-def _cli(*args: str):
-    from pgbctl.cli.main import app
-
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
 @pytest.fixture()
 def instance(local_services):
     _, endpoints = local_services
     testid = "va" + uuid.uuid4().hex[:8]
-    code, _, err = _cli("create", "--testid", testid, "--yes")
+    code, _, err = cli("create", "--testid", testid, "--yes")
     assert code == 0, err
     yield naming.Instance("ztf", testid, endpoints.project)
-    _cli("delete", "--testid", testid, "--yes")
+    cli("delete", "--testid", testid, "--yes")
 
 
 def _packets() -> list[bytes]:
@@ -269,7 +262,7 @@ def test_value_added_survives_a_storage_restart(instance, local_services, local_
         while time.monotonic() < deadline and n_png(clients) == 0:
             time.sleep(0.5)
         assert n_png(clients) > 0
-        code, _, err = _cli("create", "--testid", other, "--yes")  # restarts the storage emulator
+        code, _, err = cli("create", "--testid", other, "--yes")  # restarts the storage emulator
         assert code == 0, err
         from pgbctl.clients import Clients
         from pgbctl.local import services
@@ -290,7 +283,7 @@ def test_value_added_survives_a_storage_restart(instance, local_services, local_
     finally:
         if proc.poll() is None:
             proc.kill()
-        _cli("delete", "--testid", other, "--yes")
+        cli("delete", "--testid", other, "--yes")
     assert proc.returncode == 0, err[-3000:]
     assert "error" not in _summary(out)
 
